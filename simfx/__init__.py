@@ -1,0 +1,44 @@
+"""simfx: add Self Identity Mapping (SIM) to any traceable PyTorch model with one call.
+
+>>> import torch, torchvision, simfx
+>>> model = torchvision.models.resnet18(num_classes=10)
+>>> sim = simfx.transform(model, example_inputs=torch.randn(2, 3, 64, 64))
+>>> out, sim_loss = sim(torch.randn(4, 3, 64, 64))     # training: (output, sim_loss)
+>>> plain = simfx.strip(sim)                             # same parameters, plain forward
+"""
+
+from .api import BoundaryRow, BoundaryTable, find_boundaries, transform
+from .boundaries import Boundary
+from .errors import ExampleInputsError, NoEligibleBlockError, SelectorError, SimfxError, TraceError
+from .graph_module import DualGraphModule, SimGraphModule
+from .objectives import objective_names, register_objective
+from .options import SimOptions
+from .rewrite import original_state_dict, strip
+from .select import Plan, PlannedBlock
+from .trace import register_autowrap_function, register_leaf_module
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "transform",
+    "find_boundaries",
+    "strip",
+    "original_state_dict",
+    "register_leaf_module",
+    "register_autowrap_function",
+    "register_objective",
+    "objective_names",
+    "SimOptions",
+    "Boundary",
+    "BoundaryRow",
+    "BoundaryTable",
+    "Plan",
+    "PlannedBlock",
+    "SimGraphModule",
+    "DualGraphModule",
+    "SimfxError",
+    "TraceError",
+    "NoEligibleBlockError",
+    "SelectorError",
+    "ExampleInputsError",
+]

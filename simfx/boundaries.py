@@ -1,0 +1,555 @@
+"""Stage 3 — boundaries: the regions of a traced graph where SIM can attach.
+
+A boundary has exactly one activation tensor flowing in (``x``) and one flowing
+out (``y``), both batch-major. Candidates come from two sources:
+
+* **module scopes** — the nodes recorded inside one call of a submodule (the
+  trace stage stamps them); a leaf ``call_module`` node is a scope of one node;
+* **residual regions** — ``y = F(x) + x`` or ``F(x) + shortcut(x)`` found on the
+  graph itself: for an ``add`` node ``a`` with entry ``u = idom(a)``, the region
+  is every node ``u`` dominates and ``a`` post-dominates (networkx dominators on
+  the activation graph), so inline residuals written in a forward count too.
+
+A module scope is *residual* when it owns such an add: the scope is the
+innermost one containing the region, and its exit is the add or follows it
+through shape-preserving, parameter-free or normalisation ops (``relu(x + F(x))``,
+post-norm transformers). Every candidate is returned, eligible or not, with the
+reason; choosing among them is the select stage's job.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .shapes import TensorMeta, _weight_layer_channel_dim
+from .trace import SCOPE_KEY, ScopeFrame
+
+__all__ = ["Boundary", "find_candidates", "layout_name", "token_count"]
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """One candidate region of the traced train graph.
+
+    Attributes:
+        name: module path (``"layer1.0"``; ``"blk@1"`` for a module's second call)
+            or, for a residual region no module wraps, ``"<scope>.<add node>"``.
+        kind: ``"module"`` or ``"residual"`` (a region found on the graph).
+        module_type: the module's class (None for a residual region).
+        nodes: fx node names in the region, in graph order.
+        entry, exit: fx node names of ``x`` and ``y`` (None when not a boundary).
+        in_meta, out_meta: shapes and dtypes at the example inputs.
+        in_channel_dim, out_channel_dim: inferred channel axes of ``x`` and ``y``.
+        residual: the region ends in a residual add of its own.
+        opaque: a leaf module kept opaque by a registration (one graph node).
+        produces_output: ``y`` is (part of) the model's output.
+        has_weight: owns a parameter with 2+ dims (conv, linear, attention).
+        container_child: a direct child of an ``nn.Sequential``/``nn.ModuleList``.
+        eligible: can take SIM; if not, ``reason`` says why.
+    """
+
+    name: str
+    kind: str
+    module_type: type | None
+    nodes: tuple[str, ...]
+    entry: str | None
+    exit: str | None
+    in_meta: TensorMeta | None
+    out_meta: TensorMeta | None
+    in_channel_dim: int | None = None
+    out_channel_dim: int | None = None
+    residual: bool = False
+    opaque: bool = False
+    produces_output: bool = False
+    has_weight: bool = False
+    container_child: bool = False
+    eligible: bool = True
+    reason: str = ""
+    module_name: str | None = field(default=None, compare=False)
+
+    @property
+    def in_shape(self) -> tuple[int, ...] | None:
+        return self.in_meta.shape if self.in_meta else None
+
+    @property
+    def out_shape(self) -> tuple[int, ...] | None:
+        return self.out_meta.shape if self.out_meta else None
+
+    @property
+    def type_name(self) -> str:
+        return self.module_type.__name__ if self.module_type is not None else "residual"
+
+    @property
+    def in_layout(self) -> str:
+        return layout_name(self.in_meta, self.in_channel_dim)
+
+    @property
+    def out_layout(self) -> str:
+        return layout_name(self.out_meta, self.out_channel_dim)
+
+    @property
+    def out_tokens(self) -> int | None:
+        return token_count(self.out_meta, self.out_channel_dim)
+
+
+def layout_name(meta: TensorMeta | None, channel_dim: int | None) -> str:
+    if meta is None or channel_dim is None:
+        return "?"
+    rank = meta.rank
+    if rank == 2:
+        return "BC"
+    named = {3: {2: "BNC", 1: "BCN"}, 4: {1: "NCHW", 3: "NHWC"}, 5: {1: "NCDHW", 4: "NDHWC"}}
+    return named.get(rank, {}).get(channel_dim, f"rank{rank}/C@{channel_dim}")
+
+
+def token_count(meta: TensorMeta | None, channel_dim: int | None) -> int | None:
+    """Tokens per sample once the value is read as ``(B, N, C)``; a ``(B, C)`` value is B tokens."""
+    if meta is None or channel_dim is None:
+        return None
+    if meta.rank == 2:
+        return meta.shape[0]
+    return math.prod(s for i, s in enumerate(meta.shape) if i not in (0, channel_dim))
+
+
+def default_channel_dim(rank: int) -> int:
+    """(B, C) and conv maps keep channels at axis 1; (B, N, C) keeps them last."""
+    return 2 if rank == 3 else 1
+
+
+# --- graph facts ------------------------------------------------------------
+
+
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
+_INPLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+class _GraphFacts:
+    """Indexes a traced graph once: order, activations, shapes, dominator trees."""
+
+    def __init__(self, graph: fx.Graph, root: nn.Module, metas: Mapping[str, object]):
+        self.graph = graph
+        self.root = root
+        self.metas = metas
+        self.nodes = list(graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.by_name = {n.name: n for n in self.nodes}
+        self.output = next(n for n in reversed(self.nodes) if n.op == "output")
+        self.output_values = set(self.output.all_input_nodes)
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.activation: set[fx.Node] = set()
+        for n in self.nodes:
+            if n.op == "placeholder" or any(a in self.activation for a in n.all_input_nodes):
+                self.activation.add(n)
+        first_tensor = next(
+            (self.tensor_meta(p) for p in placeholders if self.tensor_meta(p) is not None), None
+        )
+        self.batch = first_tensor.shape[0] if first_tensor and first_tensor.rank else None
+        self._dom = _DominatorTree(self._activation_graph(placeholders), _SOURCE)
+        self._pdom = _DominatorTree(self._activation_graph(placeholders).reverse(copy=False), self.output)
+
+    def tensor_meta(self, node: fx.Node) -> TensorMeta | None:
+        meta = self.metas.get(node.name)
+        return meta if isinstance(meta, TensorMeta) else None
+
+    def _activation_graph(self, placeholders) -> nx.DiGraph:
+        g = nx.DiGraph()
+        g.add_node(_SOURCE)
+        for p in placeholders:
+            g.add_edge(_SOURCE, p)
+        for n in self.nodes:
+            if n in self.activation:
+                for a in n.all_input_nodes:
+                    if a in self.activation:
+                        g.add_edge(a, n)
+        return g
+
+    def dominates(self, a, b) -> bool:
+        return self._dom.is_ancestor(a, b)
+
+    def post_dominates(self, a, b) -> bool:
+        return self._pdom.is_ancestor(a, b)
+
+    def idom(self, node):
+        return self._dom.parent.get(node)
+
+    def module(self, name: str) -> nn.Module | None:
+        try:
+            return self.root.get_submodule(name)
+        except AttributeError:
+            return None
+
+    def owns_weight(self, node: fx.Node) -> bool:
+        """Node applies a parameter of 2+ dims (a conv/linear/attention weight)."""
+        if node.op == "call_module":
+            module = self.module(node.target)
+            return module is not None and any(p.dim() >= 2 for p in module.parameters())
+        if node.op == "get_attr":
+            value = _fetch(self.root, node.target)
+            return isinstance(value, torch.Tensor) and value.dim() >= 2 and isinstance(value, nn.Parameter)
+        return False
+
+    def is_matrix_layer(self, node: fx.Node) -> bool:
+        """Conv/linear-like: changes features through a weight (norm layers excepted)."""
+        if node.op == "call_module":
+            module = self.module(node.target)
+            if module is None or _is_norm(module):
+                return False
+            return any(p.dim() >= 2 for p in module.parameters())
+        return _weight_layer_channel_dim(node, self.root) is not None and not _is_norm_function(node)
+
+
+_SOURCE = "__simfx_source__"
+
+
+class _DominatorTree:
+    """Immediate dominators from networkx, with O(1) ancestor queries via DFS intervals."""
+
+    def __init__(self, graph: nx.DiGraph, start):
+        self.parent = {n: d for n, d in nx.immediate_dominators(graph, start).items() if n != d}
+        children: dict[object, list] = {}
+        for n, d in self.parent.items():
+            children.setdefault(d, []).append(n)
+        self.enter: dict[object, int] = {}
+        self.leave: dict[object, int] = {}
+        clock = 0
+        stack = [(start, False)]
+        while stack:
+            node, done = stack.pop()
+            if done:
+                self.leave[node] = clock
+                clock += 1
+                continue
+            self.enter[node] = clock
+            clock += 1
+            stack.append((node, True))
+            stack.extend((c, False) for c in children.get(node, ()))
+
+    def is_ancestor(self, a, b) -> bool:
+        """a dominates b (reflexive)."""
+        if a not in self.enter or b not in self.enter:
+            return False
+        return self.enter[a] <= self.enter[b] and self.leave[b] <= self.leave[a]
+
+
+def _fetch(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(
+        module,
+        (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+        + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+    )
+
+
+def _is_norm_function(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", "")
+    return "norm" in name
+
+
+def is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS
+    return node.op == "call_method" and node.target in _ADD_METHODS
+
+
+def _is_inplace(node: fx.Node, facts: _GraphFacts) -> bool:
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("__")
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True
+    if node.op == "call_module":
+        return getattr(facts.module(node.target), "inplace", False) is True
+    return False
+
+
+# --- candidates -------------------------------------------------------------
+
+
+@dataclass
+class _Region:
+    nodes: list[fx.Node]
+    entry: fx.Node | None = None
+    exit: fx.Node | None = None
+    reason: str = ""
+
+
+def find_candidates(
+    graph: fx.Graph,
+    root: nn.Module,
+    metas: Mapping[str, object],
+    opaque: Mapping[str, str] | None = None,
+) -> list[Boundary]:
+    """Every module-scope and residual-region candidate of ``graph``, in graph order."""
+    facts = _GraphFacts(graph, root, metas)
+    opaque = opaque or {}
+
+    frames: dict[ScopeFrame, list[fx.Node]] = {}
+    for node in facts.nodes:
+        for frame in node.meta.get(SCOPE_KEY, ()):
+            frames.setdefault(frame, []).append(node)
+    frame_regions = {frame: _analyse_region(nodes, facts) for frame, nodes in frames.items() if frame.name}
+
+    adds = [_residual_region(n, facts) for n in facts.nodes if is_add(n)]
+    adds = [r for r in adds if r is not None]
+
+    owned: dict[ScopeFrame, fx.Node] = {}
+    standalone: list[tuple[str, _Region]] = []
+    for add, region in adds:
+        owner, enclosing = _owner(add, region, frames, frame_regions, facts)
+        if owner is not None:
+            owned.setdefault(owner, add)
+        else:
+            prefix = f"{enclosing.key}." if enclosing is not None else ""
+            standalone.append((f"{prefix}{add.name}", region))
+
+    candidates = []
+    for frame, region in frame_regions.items():
+        module = facts.module(frame.name)
+        candidates.append(
+            _make_boundary(
+                name=frame.key,
+                kind="module",
+                module_type=frame.type,
+                region=region,
+                facts=facts,
+                residual=frame in owned,
+                opaque=(len(region.nodes) == 1 and region.nodes[0].op == "call_module" and frame.name in opaque),
+                has_weight=module is not None and any(p.dim() >= 2 for p in module.parameters()),
+                container_child=_parent_is_container(frame.name, facts),
+                module_name=frame.name,
+            )
+        )
+    for name, region in standalone:
+        candidates.append(
+            _make_boundary(
+                name=name,
+                kind="residual",
+                module_type=None,
+                region=region,
+                facts=facts,
+                residual=True,
+                opaque=False,
+                has_weight=any(facts.owns_weight(n) for n in region.nodes),
+                container_child=False,
+                module_name=None,
+            )
+        )
+    candidates.sort(key=lambda b: (facts.order[facts.by_name[b.nodes[0]]], -len(b.nodes)))
+    return candidates
+
+
+def _analyse_region(nodes: list[fx.Node], facts: _GraphFacts) -> _Region:
+    """Entry, exit and the first reason the region is not a single-in/single-out boundary."""
+    inside = set(nodes)
+    region = _Region(nodes)
+    inputs: list[fx.Node] = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a in facts.activation and a not in inputs:
+                inputs.append(a)
+    tensor_inputs = []
+    for a in inputs:
+        meta = facts.metas.get(a.name)
+        if isinstance(meta, TensorMeta):
+            tensor_inputs.append(a)
+        elif isinstance(meta, tuple):
+            tensor_inputs.extend([a] * len(meta))
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+
+    if not tensor_inputs:
+        region.reason = "no activation tensor flows in"
+    elif len(tensor_inputs) > 1:
+        names = ", ".join(dict.fromkeys(a.name for a in tensor_inputs))
+        region.reason = f"{len(tensor_inputs)} tensors flow in ({names})"
+    elif not outputs:
+        region.reason = "its result is never used"
+    elif len(outputs) > 1:
+        region.reason = f"{len(outputs)} values leave it ({', '.join(o.name for o in outputs)})"
+    else:
+        region.entry, region.exit = tensor_inputs[0], outputs[0]
+        out_meta = facts.metas.get(region.exit.name)
+        if isinstance(out_meta, tuple):
+            region.reason = f"returns a tuple of {len(out_meta)} tensors"
+        elif not isinstance(out_meta, TensorMeta):
+            region.reason = "its result is not a tensor"
+    return region
+
+
+def _residual_region(add: fx.Node, facts: _GraphFacts):
+    """(add, region) when ``add`` closes a residual region, else None."""
+    operands = [a for a in add.args[:2] if isinstance(a, fx.Node)]
+    if len(operands) != 2 or not all(a in facts.activation and facts.tensor_meta(a) for a in operands):
+        return None
+    out = facts.tensor_meta(add)
+    if out is None or any(facts.tensor_meta(a).shape != out.shape for a in operands):
+        return None
+    entry = facts.idom(add)
+    if entry is None or entry == _SOURCE or facts.tensor_meta(entry) is None:
+        return None
+    if not facts.post_dominates(add, entry):
+        return None
+    lo, hi = facts.order[entry], facts.order[add]
+    members = [
+        n
+        for n in facts.nodes[lo + 1 : hi + 1]
+        if n in facts.activation and facts.dominates(entry, n) and facts.post_dominates(add, n)
+    ]
+    inside = set(members)
+    # Parameters and constants read only by the region belong to it.
+    for n in reversed(facts.nodes[lo + 1 : hi + 1]):
+        if n not in facts.activation and n.users and all(u in inside for u in n.users):
+            inside.add(n)
+    nodes = [n for n in facts.nodes[lo + 1 : hi + 1] if n in inside]
+    region = _analyse_region(nodes, facts)
+    if region.reason or region.entry is not entry or region.exit is not add:
+        return None
+    return add, region
+
+
+def _owner(add, region, frames, frame_regions, facts):
+    """(innermost scope owning the residual add, innermost scope enclosing it)."""
+    stack = add.meta.get(SCOPE_KEY, ())
+    members = [n for n in region.nodes if n in facts.activation]
+    for frame in reversed(stack):
+        if not frame.name:
+            continue
+        if all(frame in n.meta.get(SCOPE_KEY, ()) for n in members):
+            scope = frame_regions[frame]
+            if not scope.reason and _exit_follows(scope.exit, add, facts):
+                return frame, frame
+            return None, frame
+    return None, None
+
+
+def _exit_follows(exit_node: fx.Node, add: fx.Node, facts: _GraphFacts, limit: int = 4) -> bool:
+    """``exit_node`` is ``add`` or follows it through a short chain of shape-keeping ops."""
+    node = exit_node
+    for _ in range(limit + 1):
+        if node is add:
+            return True
+        inputs = [a for a in node.all_input_nodes if a in facts.activation]
+        meta, prev = facts.tensor_meta(node), facts.tensor_meta(inputs[0]) if len(inputs) == 1 else None
+        if len(inputs) != 1 or meta is None or prev is None or meta.shape != prev.shape:
+            return False
+        if facts.is_matrix_layer(node):
+            return False
+        node = inputs[0]
+    return False
+
+
+def _parent_is_container(name: str, facts: _GraphFacts) -> bool:
+    parent = facts.module(name.rsplit(".", 1)[0] if "." in name else "")
+    return isinstance(parent, (nn.Sequential, nn.ModuleList))
+
+
+def _make_boundary(*, name, kind, module_type, region: _Region, facts: _GraphFacts, residual, opaque,
+                   has_weight, container_child, module_name) -> Boundary:
+    entry, exit_ = region.entry, region.exit
+    in_meta = facts.tensor_meta(entry) if entry is not None else None
+    out_meta = facts.tensor_meta(exit_) if exit_ is not None else None
+    reason = region.reason
+    in_cd = out_cd = None
+    if not reason:
+        reason = _shape_problem(in_meta, out_meta, facts.batch)
+    if not reason:
+        in_cd = _input_channel_dim(region, in_meta, facts)
+        out_cd = _output_channel_dim(out_meta, in_meta, in_cd)
+        if in_meta.rank == 2 and out_meta.rank > 2:
+            reason = f"output {out_meta.shape} has spatial axes its (B, C) input lacks"
+    if not reason and any(_is_inplace(n, facts) and n.args and n.args[0] is entry for n in region.nodes):
+        reason = f"modifies its input '{entry.name}' in place"
+    return Boundary(
+        name=name,
+        kind=kind,
+        module_type=module_type,
+        nodes=tuple(n.name for n in region.nodes),
+        entry=entry.name if entry is not None else None,
+        exit=exit_.name if exit_ is not None else None,
+        in_meta=in_meta,
+        out_meta=out_meta,
+        in_channel_dim=in_cd,
+        out_channel_dim=out_cd,
+        residual=residual,
+        opaque=opaque,
+        produces_output=exit_ is not None and exit_ in facts.output_values,
+        has_weight=has_weight,
+        container_child=container_child,
+        eligible=not reason,
+        reason=reason,
+        module_name=module_name,
+    )
+
+
+def _shape_problem(in_meta: TensorMeta, out_meta: TensorMeta, batch: int | None) -> str:
+    for side, meta in (("input", in_meta), ("output", out_meta)):
+        if meta.rank < 2:
+            return f"{side} has shape {meta.shape}; SIM needs a batch axis and a feature axis"
+        if batch is not None and meta.shape[0] != batch:
+            return f"{side} {meta.shape} is not batch-major (batch size {batch} first)"
+        if not meta.dtype.is_floating_point:
+            return f"{side} is {meta.dtype}, not floating point"
+    return ""
+
+
+def _input_channel_dim(region: _Region, in_meta: TensorMeta, facts: _GraphFacts) -> int:
+    """From the first weight layer of the block, checked against its expected width."""
+    for node in region.nodes:
+        kind = _weight_layer_channel_dim(node, facts.root)
+        if kind is None:
+            continue
+        axis = 1 if kind == "first" else in_meta.rank - 1
+        width = _expected_width(node, facts)
+        if width is None or in_meta.shape[axis] == width:
+            return axis
+        break
+    if in_meta.channel_dim is not None:
+        return in_meta.channel_dim
+    return default_channel_dim(in_meta.rank)
+
+
+def _expected_width(node: fx.Node, facts: _GraphFacts) -> int | None:
+    if node.op != "call_module":
+        return None
+    m = facts.module(node.target)
+    for attr in ("in_channels", "in_features", "num_features", "num_channels", "embed_dim"):
+        value = getattr(m, attr, None)
+        if isinstance(value, int):
+            return value
+    shape = getattr(m, "normalized_shape", None)
+    if shape:
+        return int(shape[-1])
+    return None
+
+
+def _output_channel_dim(out_meta: TensorMeta, in_meta: TensorMeta, in_cd: int) -> int:
+    if out_meta.channel_dim is not None:
+        return out_meta.channel_dim
+    if out_meta.rank == in_meta.rank:
+        return in_cd
+    return default_channel_dim(out_meta.rank)
+
+
+def region_contains(outer: Boundary, inner: Boundary) -> bool:
+    """``inner``'s nodes all lie inside ``outer`` (and the two differ)."""
+    return outer is not inner and set(inner.nodes) <= set(outer.nodes) and outer.nodes != inner.nodes
+
+
+def names(boundaries: Iterable[Boundary]) -> list[str]:
+    return [b.name for b in boundaries]

@@ -1,0 +1,34 @@
+"""Errors simfx raises. Each message names the module or node involved and what to do next."""
+
+from __future__ import annotations
+
+
+class SimfxError(Exception):
+    """Base class of every error simfx raises on purpose."""
+
+
+class TraceError(SimfxError, RuntimeError):
+    """torch.fx could not trace the model.
+
+    Attributes:
+        module_name: qualified name of the innermost module being traced when it
+            failed ("" for the model's own forward).
+        module_type: that module's class, or None.
+    """
+
+    def __init__(self, message: str, module_name: str = "", module_type: type | None = None):
+        super().__init__(message)
+        self.module_name = module_name
+        self.module_type = module_type
+
+
+class NoEligibleBlockError(SimfxError, ValueError):
+    """No boundary of the model could take SIM (or the selection left none)."""
+
+
+class SelectorError(SimfxError, ValueError):
+    """A selector in ``blocks=``, ``exclude=`` or ``overrides=`` matched nothing usable."""
+
+
+class ExampleInputsError(SimfxError, TypeError):
+    """``example_inputs`` is missing or is not a tensor / tuple of arguments."""

@@ -1,0 +1,329 @@
+"""Objectives: what is computed at each boundary, and how block losses are combined.
+
+Every boundary gets one :class:`BoundaryObjective`. It turns the block's input
+``x`` and output ``y`` into sampled ``(B, k, C)`` tokens (DESIGN steps 1-4, via
+:mod:`simfx.tokens`) and hands them to an *objective* module from the registry:
+
+``rho_sim`` (default)
+    The paper's reconstructor. ``pre_proj`` (``C_out -> C_in``, no bias, only if the
+    widths differ), one shared projector ``C_in -> 2d -> d -> d`` with ReLUs and a
+    ``d -> d`` predictor. Target ``zx = proj(x)`` without gradient; prediction
+    ``zy = predictor(proj(pre_proj(y)))``; loss ``norm_mse`` unless set otherwise.
+``self_model``
+    A linear self-model predicts the block's own output tokens: ``mean ||W a + b - a||^2``
+    with the target detached (Premakumar et al., arXiv 2407.10188).
+``activation_l2``
+    ``mean ||a||^2``, the plain activation penalty.
+
+Add your own with :func:`register_objective`: any ``nn.Module`` built from
+``(in_channels, out_channels, options)`` whose ``forward(x_tokens, y_tokens)``
+returns a scalar.
+
+Loss maths runs in float32. A block whose sampled activations are not finite
+computes on zeros and reports NaN; :func:`aggregate_losses` averages only the
+finite block losses, with tensor ops, so no host sync and no NaN gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .options import SimOptions
+from .tokens import input_tokens_on_output_grid, sample_count, sample_pair, to_tokens
+
+__all__ = [
+    "BoundaryObjective",
+    "ObjectiveSpec",
+    "RhoSim",
+    "SelfModel",
+    "ActivationL2",
+    "register_objective",
+    "get_objective",
+    "objective_names",
+    "sim_loss_value",
+    "aggregate_losses",
+]
+
+_EPS = 1e-6
+
+
+# --- loss functions (float32 in, scalar out) --------------------------------
+
+
+def _standardise(z: Tensor) -> Tensor:
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + _EPS)
+
+
+def norm_mse(prediction: Tensor, target: Tensor) -> Tensor:
+    """Standardise over tokens (per sample and feature, unbiased std), L2 over features, mean."""
+    if prediction.shape[1] < 2:
+        # The standardisation is undefined for one token: report "no value" so the
+        # aggregate skips this block, without a graph path that would carry NaN.
+        return prediction.new_full((), float("nan"))
+    return torch.linalg.vector_norm(_standardise(prediction) - _standardise(target), dim=-1).mean()
+
+
+def _mse(prediction: Tensor, target: Tensor) -> Tensor:
+    return F.mse_loss(prediction, target)
+
+
+def _cos(prediction: Tensor, target: Tensor) -> Tensor:
+    return (2 - 2 * F.cosine_similarity(prediction, target, dim=-1)).mean()
+
+
+def _smooth_l1(prediction: Tensor, target: Tensor) -> Tensor:
+    return F.smooth_l1_loss(prediction, target)
+
+
+def _kl(prediction: Tensor, target: Tensor) -> Tensor:
+    return F.kl_div(F.log_softmax(prediction, dim=-1), F.softmax(target, dim=-1), reduction="batchmean")
+
+
+LOSS_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "norm_mse": norm_mse,
+    "mse": _mse,
+    "cos": _cos,
+    "smooth_l1": _smooth_l1,
+    "kl": _kl,
+}
+
+
+def sim_loss_value(prediction: Tensor, target: Tensor, loss: str = "norm_mse") -> Tensor:
+    """One rho_sim loss between latent tokens ``(B, k, d)``, computed in float32."""
+    return LOSS_FUNCTIONS[loss](prediction.float(), target.float())
+
+
+# --- built-in objectives ----------------------------------------------------
+
+
+class RhoSim(nn.Module):
+    """The rho_sim reconstructor: predict the latent of the block's input from its output."""
+
+    def __init__(self, in_channels: int, out_channels: int, dim: int = 128, loss: str = "norm_mse"):
+        super().__init__()
+        self.loss = loss
+        self.pre_proj = nn.Linear(out_channels, in_channels, bias=False) if in_channels != out_channels else nn.Identity()
+        self.proj = nn.Sequential(
+            nn.Linear(in_channels, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, dim)
+        )
+        self.predictor = nn.Linear(dim, dim)
+
+    def forward(self, x_tokens: Tensor, y_tokens: Tensor) -> Tensor:
+        weight = self.predictor.weight
+        with torch.no_grad():
+            target = self.proj(x_tokens.to(weight.dtype))
+        prediction = self.predictor(self.proj(self.pre_proj(y_tokens.to(weight.dtype))))
+        return sim_loss_value(prediction, target, self.loss)
+
+    def extra_repr(self) -> str:
+        return f"loss={self.loss!r}"
+
+
+class SelfModel(nn.Module):
+    """Linear self-model ``W a + b`` of the block's output tokens; target detached."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.linear = nn.Linear(channels, channels)
+
+    def forward(self, x_tokens: Tensor | None, y_tokens: Tensor) -> Tensor:
+        a = y_tokens.to(self.linear.weight.dtype)
+        error = self.linear(a).float() - a.detach().float()
+        return error.pow(2).sum(dim=-1).mean()
+
+
+class ActivationL2(nn.Module):
+    """``mean ||a||^2`` over sampled output tokens (no parameters)."""
+
+    def forward(self, x_tokens: Tensor | None, y_tokens: Tensor) -> Tensor:
+        return y_tokens.float().pow(2).sum(dim=-1).mean()
+
+
+# --- registry ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """A registered objective.
+
+    ``factory(in_channels, out_channels, options)`` builds the module; ``uses_input``
+    says whether it reads the block's input tokens (if not, they are never
+    computed); ``min_tokens(options)`` is the fewest sampled tokens its loss is
+    defined for.
+    """
+
+    name: str
+    factory: Callable[[int, int, SimOptions], nn.Module]
+    uses_input: bool = True
+    min_tokens: Callable[[SimOptions], int] = lambda options: 1
+
+
+_REGISTRY: dict[str, ObjectiveSpec] = {}
+
+
+def register_objective(
+    name: str,
+    factory: Callable[[int, int, SimOptions], nn.Module] | None = None,
+    *,
+    uses_input: bool = True,
+    min_tokens: int | Callable[[SimOptions], int] = 1,
+    overwrite: bool = False,
+):
+    """Register an objective under ``name`` (usable as a decorator on a factory or class).
+
+    >>> import torch, simfx
+    >>> @simfx.register_objective("feature_variance", uses_input=False, overwrite=True)
+    ... class FeatureVariance(torch.nn.Module):
+    ...     def __init__(self, in_channels, out_channels, options):
+    ...         super().__init__()
+    ...     def forward(self, x_tokens, y_tokens):
+    ...         return -y_tokens.float().var(dim=1).mean()
+    >>> "feature_variance" in simfx.objective_names()
+    True
+    """
+
+    def add(make):
+        if not callable(make):
+            raise TypeError(f"objective factory for {name!r} must be callable, got {make!r}.")
+        if name in _REGISTRY and not overwrite:
+            raise ValueError(f"objective {name!r} is already registered; pass overwrite=True to replace it.")
+        floor = min_tokens if callable(min_tokens) else (lambda options, n=int(min_tokens): n)
+        _REGISTRY[name] = ObjectiveSpec(name, make, uses_input, floor)
+        return make
+
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"objective name must be a non-empty string, got {name!r}.")
+    return add(factory) if factory is not None else add
+
+
+def get_objective(name: str) -> ObjectiveSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown objective {name!r}; registered objectives are {objective_names()}. "
+            f"Add one with simfx.register_objective({name!r}, factory)."
+        ) from None
+
+
+def objective_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+register_objective(
+    "rho_sim",
+    lambda cin, cout, o: RhoSim(cin, cout, dim=o.dim, loss=o.loss),
+    min_tokens=lambda o: 2 if o.loss == "norm_mse" else 1,
+)
+register_objective("self_model", lambda cin, cout, o: SelfModel(cout), uses_input=False)
+register_objective("activation_l2", lambda cin, cout, o: ActivationL2(), uses_input=False)
+
+
+# --- the per-boundary module -----------------------------------------------
+
+
+class BoundaryObjective(nn.Module):
+    """SIM at one boundary: ``forward(x, y)`` returns this block's float32 loss.
+
+    ``x`` is detached here; gradients reach the block only through ``y``. The
+    static layout facts (channel axes, kept widths, sampling) are plain attributes
+    fixed at transform time, so the traced train graph has no data-dependent control
+    flow.
+    """
+
+    def __init__(
+        self,
+        objective: nn.Module,
+        *,
+        in_channel_dim: int,
+        out_channel_dim: int,
+        in_channels: int,
+        out_channels: int,
+        options: SimOptions,
+        uses_input: bool = True,
+        min_tokens: int = 1,
+    ):
+        super().__init__()
+        self.objective = objective
+        self.in_channel_dim = in_channel_dim
+        self.out_channel_dim = out_channel_dim
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        fraction = options.token_fraction
+        self.ratio = (fraction.numerator, fraction.denominator)
+        self.min_tokens = max(2, min_tokens)
+        self.token_sampling = options.token_sampling
+        self.uses_input = uses_input
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        y_tokens = to_tokens(y, self.out_channel_dim)[..., : self.out_channels]
+        x_tokens = None
+        if self.uses_input:
+            x = x.detach()
+            x_tokens = input_tokens_on_output_grid(x, self.in_channel_dim, y, self.out_channel_dim)
+            x_tokens = x_tokens[..., : self.in_channels]
+        k = sample_count(y_tokens.shape[1], self.ratio[0], self.ratio[1], self.min_tokens)
+        x_tokens, y_tokens = sample_pair(x_tokens, y_tokens, k, self.token_sampling)
+
+        finite = torch.isfinite(y_tokens).all()
+        if x_tokens is not None:
+            finite = finite & torch.isfinite(x_tokens).all()
+            x_tokens = torch.where(finite, x_tokens, 0)
+        y_tokens = torch.where(finite, y_tokens, 0)
+        loss = self.objective(x_tokens, y_tokens).float()
+        return torch.where(finite, loss, float("nan"))
+
+    def extra_repr(self) -> str:
+        return (
+            f"channel_dims=({self.in_channel_dim}, {self.out_channel_dim}), "
+            f"channels=({self.in_channels}, {self.out_channels}), "
+            f"token_ratio={self.ratio[0]}/{self.ratio[1]}, token_sampling={self.token_sampling!r}"
+        )
+
+
+def build_objective(
+    options: SimOptions,
+    *,
+    in_channel_dim: int,
+    out_channel_dim: int,
+    in_width: int,
+    out_width: int,
+) -> BoundaryObjective:
+    """The module for one boundary from its widths and options (channel sampling applied)."""
+    spec = get_objective(options.objective)
+    cin, cout = options.channel_count(in_width), options.channel_count(out_width)
+    module = spec.factory(cin, cout, options)
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"objective {options.objective!r} factory returned {type(module).__name__}, not an nn.Module."
+        )
+    return BoundaryObjective(
+        module,
+        in_channel_dim=in_channel_dim,
+        out_channel_dim=out_channel_dim,
+        in_channels=cin,
+        out_channels=cout,
+        options=options,
+        uses_input=spec.uses_input,
+        min_tokens=spec.min_tokens(options),
+    )
+
+
+# --- aggregation -------------------------------------------------------------
+
+
+def aggregate_losses(losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``mean_i(w_i * loss_i)`` over the finite block losses (0 when none is finite)."""
+    stacked = torch.stack(list(losses))
+    finite = torch.isfinite(stacked)
+    if len(set(weights)) == 1:
+        total = torch.where(finite, stacked, 0).sum() * weights[0]
+    else:
+        weighted = torch.stack([loss * w for loss, w in zip(losses, weights)])
+        total = torch.where(finite, weighted, 0).sum()
+    return total / finite.sum().clamp(min=1)

@@ -1,0 +1,328 @@
+"""Stage 4 — select: candidates + selectors + overrides become the plan.
+
+``blocks="auto"`` picks, in order:
+
+1. residual blocks — module scopes that own a residual add (the innermost such
+   scope when they nest), and residual regions that no chosen module wraps;
+2. where a model has none, the children of ``nn.Sequential``/``nn.ModuleList``
+   containers that own a weight of 2+ dims (a child that is itself a container of
+   two or more such children is descended into);
+
+never the block that produces the model's output, and never a block whose output
+has fewer tokens than its objective needs at the example input size.
+
+Selectors (for ``blocks=``, ``exclude=`` and the keys of ``overrides=``):
+
+* a module class — matches instances of it (and of subclasses);
+* a string — a glob over boundary names where ``*`` stays within one dotted
+  component and ``**`` crosses dots (``"layer*.*"`` is every block of every layer;
+  ``"blk"`` also matches the repeated calls ``"blk@1"``, ...);
+* a compiled regex — ``fullmatch`` against the name;
+* a callable — a predicate over the :class:`~simfx.boundaries.Boundary` record;
+* ``"auto"`` — the auto policy, combinable with others in a list.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+
+from .boundaries import Boundary
+from .errors import NoEligibleBlockError, SelectorError
+from .objectives import get_objective
+from .options import SimOptions, merge_options
+
+__all__ = ["Selector", "PlannedBlock", "Plan", "select_blocks", "matches"]
+
+Selector = Union[type, str, "re.Pattern[str]", Callable[[Boundary], bool]]
+
+
+@dataclass(frozen=True)
+class PlannedBlock:
+    """A chosen boundary, its options, and the submodule key of its objective (under ``simfx.``)."""
+
+    boundary: Boundary
+    options: SimOptions
+    key: str
+
+    @property
+    def name(self) -> str:
+        return self.boundary.name
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The select stage's output: chosen blocks in graph order, and a decision for every candidate."""
+
+    blocks: tuple[PlannedBlock, ...]
+    decisions: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+
+def select_blocks(
+    candidates: Sequence[Boundary],
+    blocks: Any = "auto",
+    *,
+    exclude: Any = (),
+    overrides: Mapping[Any, Mapping[str, Any]] | None = None,
+    defaults: SimOptions = SimOptions(),
+) -> Plan:
+    """Choose the boundaries that get SIM; raise with reasons when none can."""
+    chosen: dict[str, Boundary] = {}
+    decisions: dict[str, str] = {}
+    explicit: set[str] = set()
+    for selector in _as_list(blocks, "blocks"):
+        if isinstance(selector, str) and selector == "auto":
+            picked, why = _auto(candidates)
+            decisions.update(why)
+            chosen.update((b.name, b) for b in picked)
+            continue
+        hits = [b for b in candidates if matches(selector, b)]
+        usable = [b for b in hits if b.eligible]
+        if not hits:
+            raise SelectorError(_no_match("blocks", selector, candidates))
+        if not usable:
+            details = "; ".join(f"'{b.name}': {b.reason}" for b in hits[:8])
+            raise SelectorError(
+                f"blocks selector {_show(selector)} matched only blocks that cannot take SIM: {details}. "
+                f"Select blocks with one tensor in and one out (see simfx.find_boundaries)."
+            )
+        for b in usable:
+            chosen[b.name] = b
+            explicit.add(b.name)
+            decisions[b.name] = f"selected by {_show(selector)}"
+        for b in hits:
+            if not b.eligible:
+                decisions.setdefault(b.name, f"matched {_show(selector)} but {b.reason}")
+
+    for selector in _as_list(exclude, "exclude"):
+        hits = [b for b in candidates if matches(selector, b)]
+        if not hits:
+            raise SelectorError(_no_match("exclude", selector, candidates))
+        for b in hits:
+            if chosen.pop(b.name, None) is not None:
+                decisions[b.name] = f"excluded by {_show(selector)}"
+
+    planned = []
+    override_items = list((overrides or {}).items())
+    used_overrides = set()
+    for b in candidates:
+        if b.name not in chosen:
+            continue
+        options = defaults
+        for index, (selector, changes) in enumerate(override_items):
+            if matches(selector, b):
+                options = merge_options(options, _check_changes(selector, changes))
+                used_overrides.add(index)
+        need = get_objective(options.objective).min_tokens(options)
+        tokens = b.out_tokens
+        if tokens is not None and tokens < need:
+            why = f"{tokens} output token(s) at the example input; {options.objective} needs {need}"
+            if b.name in explicit:
+                warnings.warn(
+                    f"simfx: block '{b.name}' has {why}; its loss is skipped (NaN) whenever a batch "
+                    f"gives it fewer tokens. Use a larger example input or exclude it.",
+                    stacklevel=3,
+                )
+            else:
+                decisions[b.name] = why
+                continue
+        planned.append(PlannedBlock(b, options, ""))
+    for index, (selector, _) in enumerate(override_items):
+        if index not in used_overrides:
+            raise SelectorError(
+                f"overrides selector {_show(selector)} matched none of the selected blocks "
+                f"({', '.join(b.boundary.name for b in planned) or 'none'})."
+            )
+    if not planned:
+        raise NoEligibleBlockError(_nothing_selected(candidates, decisions, blocks))
+    keys = _unique_keys([b.boundary.name for b in planned])
+    planned = [PlannedBlock(b.boundary, b.options, key) for b, key in zip(planned, keys)]
+    for b in planned:
+        decisions.setdefault(b.name, "selected")
+    return Plan(tuple(planned), decisions)
+
+
+# --- the auto policy --------------------------------------------------------
+
+
+def _auto(candidates: Sequence[Boundary]) -> tuple[list[Boundary], dict[str, str]]:
+    why: dict[str, str] = {}
+    eligible = [b for b in candidates if b.eligible]
+    for b in candidates:
+        if not b.eligible:
+            why[b.name] = b.reason
+    residual = [b for b in eligible if b.residual and b.has_weight]
+    if residual:
+        picked = _innermost_residual(residual, why)
+        mode = "a residual block"
+    else:
+        picked = _container_children(eligible, why)
+        mode = "a weighted child of an nn.Sequential/nn.ModuleList"
+    final = []
+    for b in picked:
+        if b.produces_output:
+            why[b.name] = "produces the model's output"
+        else:
+            final.append(b)
+            why[b.name] = "selected by auto"
+    for b in eligible:
+        why.setdefault(b.name, f"not {mode}")
+    return final, why
+
+
+def _innermost_residual(residual: list[Boundary], why: dict[str, str]) -> list[Boundary]:
+    node_sets = {b.name: set(b.nodes) for b in residual}
+    modules = [b for b in residual if b.kind == "module"]
+    picked = []
+    for b in residual:
+        inner = [m for m in modules if m is not b and node_sets[m.name] < node_sets[b.name]]
+        if b.kind == "module" and inner:
+            why[b.name] = f"contains residual block '{inner[0].name}' (auto picks the innermost)"
+            continue
+        outer = [m for m in modules if m is not b and node_sets[b.name] < node_sets[m.name]]
+        if b.kind == "residual" and outer:
+            why[b.name] = f"inside residual block '{outer[-1].name}'"
+            continue
+        picked.append(b)
+    return picked
+
+
+def _container_children(eligible: list[Boundary], why: dict[str, str]) -> list[Boundary]:
+    qualifying = [b for b in eligible if b.kind == "module" and b.container_child and b.has_weight]
+    by_module = {b.module_name: b for b in qualifying}
+    kept = []
+    for b in qualifying:
+        prefix = f"{b.module_name}."
+        children = [c for c in qualifying if c.module_name.startswith(prefix) and "." not in c.module_name[len(prefix):]]
+        if len(children) >= 2:
+            why[b.name] = f"a container of {len(children)} blocks (auto picks its children)"
+            continue
+        kept.append(b)
+    picked = []
+    for b in kept:
+        parts = b.module_name.split(".")
+        ancestors = [".".join(parts[:i]) for i in range(1, len(parts))]
+        outer = next((a for a in ancestors if a in by_module and by_module[a] in kept), None)
+        if outer is not None:
+            why[b.name] = f"inside block '{outer}'"
+            continue
+        picked.append(b)
+    return picked
+
+
+# --- selectors ----------------------------------------------------------------
+
+
+def matches(selector: Selector, boundary: Boundary) -> bool:
+    """Does ``selector`` pick ``boundary``? (See the module docstring for selector kinds.)"""
+    if isinstance(selector, type):
+        return boundary.module_type is not None and issubclass(boundary.module_type, selector)
+    names = [boundary.name]
+    if boundary.kind == "module" and boundary.module_name and boundary.module_name != boundary.name:
+        names.append(boundary.module_name)
+    if isinstance(selector, str):
+        pattern = _glob(selector)
+        return any(pattern.fullmatch(n) for n in names)
+    if isinstance(selector, re.Pattern):
+        return any(selector.fullmatch(n) for n in names)
+    if callable(selector):
+        return bool(selector(boundary))
+    raise TypeError(
+        f"a selector must be a module class, a name glob, a compiled regex or a predicate; got {selector!r}."
+    )
+
+
+def _glob(pattern: str) -> "re.Pattern[str]":
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append(r"[^.]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append(r"[^.]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def _as_list(value: Any, what: str) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (str, type, re.Pattern)) or (callable(value) and not isinstance(value, (list, tuple, set))):
+        return [value]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return list(value)
+    raise TypeError(f"{what}= takes a selector or a list of selectors, got {type(value).__name__}.")
+
+
+def _check_changes(selector, changes) -> Mapping[str, Any]:
+    if not isinstance(changes, Mapping):
+        raise TypeError(
+            f"overrides[{_show(selector)}] must be a dict of SIM options, e.g. {{'token_ratio': 0.5}}; got {changes!r}."
+        )
+    return changes
+
+
+def _show(selector: Any) -> str:
+    if isinstance(selector, type):
+        return selector.__name__
+    if isinstance(selector, re.Pattern):
+        return f"re.compile({selector.pattern!r})"
+    if isinstance(selector, str):
+        return repr(selector)
+    return getattr(selector, "__name__", repr(selector))
+
+
+def _no_match(what: str, selector: Any, candidates: Sequence[Boundary]) -> str:
+    names = [b.name for b in candidates if b.eligible] or [b.name for b in candidates]
+    shown = ", ".join(names[:24]) + (f", ... ({len(names)} in all)" if len(names) > 24 else "")
+    types = sorted({b.type_name for b in candidates if b.eligible})
+    return (
+        f"{what} selector {_show(selector)} matched no block. Eligible block names: {shown}. "
+        f"Module types: {', '.join(types[:16])}. "
+        f"Globs use '*' within one dotted name part and '**' across parts; "
+        f"simfx.find_boundaries(model, example_inputs) lists every candidate."
+    )
+
+
+def _nothing_selected(candidates: Sequence[Boundary], decisions: Mapping[str, str], blocks: Any) -> str:
+    rows = [f"  {b.name} ({b.type_name}): {decisions.get(b.name, b.reason) or 'not selected'}" for b in candidates]
+    shown = "\n".join(rows[:20]) + (f"\n  ... {len(rows) - 20} more" if len(rows) > 20 else "")
+    if blocks == "auto":
+        head = (
+            "no eligible block: auto found no residual block and no weighted child of an "
+            "nn.Sequential/nn.ModuleList that can take SIM."
+        )
+    else:
+        head = "no eligible block: the selection left no block that can take SIM."
+    return (
+        f"{head} Candidates and why each was rejected:\n{shown}\n"
+        f"Pass blocks=[...] with module classes or names of blocks that have one tensor in and one out."
+    )
+
+
+def _unique_keys(names: Iterable[str]) -> list[str]:
+    keys, seen = [], set()
+    for name in names:
+        base = re.sub(r"\W", "_", name) or "block"
+        if base[0].isdigit():
+            base = f"b{base}"
+        key, n = base, 1
+        while key in seen:
+            n += 1
+            key = f"{base}_{n}"
+        seen.add(key)
+        keys.append(key)
+    return keys

@@ -1,0 +1,235 @@
+"""Stage 2 — shapes: shape, dtype and channel axis of every node, without real kernels.
+
+The graph runs once under ``FakeTensorMode`` with the model's parameters and
+buffers swapped for fake copies (``torch.func.functional_call``), so no kernel
+runs on real data and no BatchNorm statistic moves. If a model does something
+fake tensors cannot (data-dependent output shapes), the pass falls back to one
+real run on a deep copy of the model in ``no_grad`` mode.
+
+Besides shapes, the pass infers where each activation keeps its channels:
+weight layers fix it (convolutions and batch/group norms: axis 1; linear and
+layer norms: the last axis), layout ops move it (``permute``, ``transpose``,
+``flatten``) and shape-preserving ops pass it on.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.interpreter import Interpreter
+
+__all__ = ["TensorMeta", "propagate_shapes"]
+
+log = logging.getLogger("simfx")
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Plain description of one tensor value in the traced graph."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: str
+    channel_dim: int | None = None
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+def propagate_shapes(
+    graph: fx.Graph,
+    root: nn.Module,
+    example_inputs: Sequence[Any],
+) -> dict[str, TensorMeta | tuple]:
+    """Map node names to :class:`TensorMeta` (tensors) or tuples of them (tuple outputs).
+
+    Nodes producing anything else (ints, shapes, None) are absent from the result.
+    """
+    try:
+        return _fake_run(graph, root, example_inputs)
+    except Exception as error:  # fake tensors refuse data-dependent ops, among others
+        log.info("fake-tensor shape pass failed (%s); using one real run on a copy", error)
+        return _real_run(graph, root, example_inputs)
+
+
+class _ShapeRecorder(Interpreter):
+    def __init__(self, root: nn.Module, graph: fx.Graph):
+        super().__init__(root, garbage_collect_values=True, graph=graph)
+        self.metas: dict[str, TensorMeta | tuple] = {}
+
+    def run_node(self, node: fx.Node) -> Any:
+        result = super().run_node(node)
+        meta = _describe(result, node, self.metas, self.module)
+        if meta is not None:
+            self.metas[node.name] = meta
+        return result
+
+
+class _Runner(nn.Module):
+    """Holds the root so functional_call can swap every parameter and buffer under it."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph):
+        super().__init__()
+        self.root = root
+        self.graph_to_run = graph
+
+    def forward(self, *inputs):
+        recorder = _ShapeRecorder(self.root, self.graph_to_run)
+        recorder.run(*inputs)
+        return recorder.metas
+
+
+def _fake_run(graph, root, example_inputs):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    runner = _Runner(root, graph)
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    with mode:
+        inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        state = {
+            **{k: mode.from_tensor(v, static_shapes=True) for k, v in runner.named_parameters()},
+            **{k: mode.from_tensor(v, static_shapes=True) for k, v in runner.named_buffers()},
+        }
+        # Plain tensor attributes (fx constants, cached tensors) are not in the state
+        # dict; fake mode must still be able to read them.
+        mode.allow_non_fake_inputs = True
+        return torch.func.functional_call(runner, state, tuple(inputs))
+
+
+def _real_run(graph, root, example_inputs):
+    runner = _Runner(copy.deepcopy(root), graph)
+    with torch.no_grad():
+        return runner(*example_inputs)
+
+
+# --- channel axis inference -------------------------------------------------
+
+_CHANNEL_FIRST_MODULES: tuple[type, ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+)
+_CHANNEL_LAST_MODULES: tuple[type, ...] = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Bilinear) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
+_CHANNEL_FIRST_FUNCTIONS = {
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    F.batch_norm, F.group_norm, F.instance_norm, torch.conv1d, torch.conv2d, torch.conv3d,
+    torch.batch_norm, torch.group_norm,
+}
+_CHANNEL_LAST_FUNCTIONS = {F.linear, F.layer_norm, torch.layer_norm, torch._C._nn.linear} | (
+    {F.rms_norm} if hasattr(F, "rms_norm") else set()
+)
+
+
+def _describe(result: Any, node: fx.Node, metas: Mapping[str, Any], root: nn.Module):
+    if isinstance(result, torch.Tensor):
+        shape = tuple(int(s) for s in result.shape)
+        channel_dim = _channel_dim(node, shape, metas, root)
+        return TensorMeta(shape, result.dtype, str(result.device), channel_dim)
+    if isinstance(result, (tuple, list)) and result and all(isinstance(r, torch.Tensor) for r in result):
+        return tuple(TensorMeta(tuple(int(s) for s in r.shape), r.dtype, str(r.device)) for r in result)
+    return None
+
+
+def _channel_dim(node: fx.Node, shape: tuple[int, ...], metas, root) -> int | None:
+    rank = len(shape)
+    if rank < 2:
+        return None
+    fixed = _weight_layer_channel_dim(node, root)
+    if fixed == "first":
+        return 1
+    if fixed == "last":
+        return rank - 1
+    args = [a for a in node.args if isinstance(a, fx.Node)]
+    first = metas.get(args[0].name) if args else None
+    if not isinstance(first, TensorMeta) or first.channel_dim is None:
+        return _inherit_same_shape(node, shape, metas)
+    moved = _moved_channel_dim(node, first, shape)
+    if moved is not _UNKNOWN:
+        return moved
+    return _inherit_same_shape(node, shape, metas)
+
+
+def _weight_layer_channel_dim(node: fx.Node, root: nn.Module) -> str | None:
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        if isinstance(module, _CHANNEL_FIRST_MODULES):
+            return "first"
+        if isinstance(module, _CHANNEL_LAST_MODULES):
+            return "last"
+        if isinstance(module, nn.MultiheadAttention):
+            return "last"
+    elif node.op == "call_function":
+        if node.target in _CHANNEL_FIRST_FUNCTIONS:
+            return "first"
+        if node.target in _CHANNEL_LAST_FUNCTIONS:
+            return "last"
+    return None
+
+
+_UNKNOWN = object()
+
+
+def _moved_channel_dim(node: fx.Node, source: TensorMeta, shape: tuple[int, ...]):
+    """Channel axis after a layout op on a tensor whose axis is known; _UNKNOWN if not a layout op."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or name is None:
+        return _UNKNOWN
+    c, in_rank, out_rank = source.channel_dim, source.rank, len(shape)
+    rest = node.args[1:]
+    if name == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        dims = node.kwargs.get("dims", dims)
+        dims = [d % in_rank for d in dims if isinstance(d, int)]
+        return dims.index(c) if c in dims else None
+    if name in ("transpose", "swapaxes", "swapdims"):
+        if len(rest) >= 2 and all(isinstance(d, int) for d in rest[:2]):
+            a, b = (d % in_rank for d in rest[:2])
+            return b if c == a else a if c == b else c
+        return None
+    if name == "movedim":
+        if len(rest) >= 2 and all(isinstance(d, int) for d in rest[:2]):
+            order = list(range(in_rank))
+            src, dst = (d % in_rank for d in rest[:2])
+            order.insert(dst, order.pop(src))
+            return order.index(c)
+        return None
+    if name in ("flatten", "reshape", "view", "contiguous", "unflatten", "squeeze", "unsqueeze"):
+        # Keep the axis when it survives as "the last one" or as "axis 1" with the
+        # same size; anything else is a genuine relayout we do not guess at.
+        if c == in_rank - 1 and shape[-1] == source.shape[-1]:
+            return out_rank - 1
+        if c == 1 and out_rank >= 2 and shape[1] == source.shape[1]:
+            return 1
+        return None
+    return _UNKNOWN
+
+
+def _inherit_same_shape(node: fx.Node, shape: tuple[int, ...], metas) -> int | None:
+    """Elementwise and shape-preserving ops keep the channel axis of an input of the same shape."""
+    for arg in _tensor_args(node):
+        meta = metas.get(arg.name)
+        if isinstance(meta, TensorMeta) and meta.channel_dim is not None and meta.rank == len(shape):
+            if meta.shape == shape or node.target in (torch.cat, operator.getitem, "narrow"):
+                return meta.channel_dim
+    return None
+
+
+def _tensor_args(node: fx.Node):
+    for arg in node.args:
+        if isinstance(arg, fx.Node):
+            yield arg
+        elif isinstance(arg, (tuple, list)):
+            yield from (a for a in arg if isinstance(a, fx.Node))
