@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from .boundaries import Boundary, find_candidates
-from .errors import ExampleInputsError, NoEligibleBlockError
+from .errors import ExampleInputsError
 from .graph_module import SimGraphModule
 from .options import SimOptions
 from .rewrite import rewrite
-from .select import Plan, select_blocks
+from .select import select_blocks
 from .shapes import propagate_shapes
 from .trace import trace_model
 
@@ -203,10 +203,7 @@ def find_boundaries(
     inputs = _example_inputs(example_inputs, model, "find_boundaries")
     defaults = SimOptions().replace(**options)
     traced, metas, candidates = _analyse(model, inputs, leaf_modules, autowrap_functions)
-    try:
-        plan = select_blocks(candidates, blocks, exclude=exclude, defaults=defaults)
-    except NoEligibleBlockError:
-        plan = Plan((), {b.name: b.reason or "not selected" for b in candidates})
+    plan = select_blocks(candidates, blocks, exclude=exclude, defaults=defaults, allow_empty=True)
     chosen = set(plan.names)
     return BoundaryTable(
         BoundaryRow(b, b.name in chosen, plan.decisions.get(b.name, b.reason)) for b in candidates

@@ -71,8 +71,9 @@ def select_blocks(
     exclude: Any = (),
     overrides: Mapping[Any, Mapping[str, Any]] | None = None,
     defaults: SimOptions = SimOptions(),
+    allow_empty: bool = False,
 ) -> Plan:
-    """Choose the boundaries that get SIM; raise with reasons when none can."""
+    """Choose the boundaries that get SIM; raise with reasons when none can (unless ``allow_empty``)."""
     chosen: dict[str, Boundary] = {}
     decisions: dict[str, str] = {}
     explicit: set[str] = set()
@@ -139,7 +140,7 @@ def select_blocks(
                 f"overrides selector {_show(selector)} matched none of the selected blocks "
                 f"({', '.join(b.boundary.name for b in planned) or 'none'})."
             )
-    if not planned:
+    if not planned and not allow_empty:
         raise NoEligibleBlockError(_nothing_selected(candidates, decisions, blocks))
     keys = _unique_keys([b.boundary.name for b in planned])
     planned = [PlannedBlock(b.boundary, b.options, key) for b, key in zip(planned, keys)]

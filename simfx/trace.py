@@ -223,25 +223,31 @@ def _run_tracer(tracer: _ScopeTracer, root: nn.Module, model: nn.Module) -> fx.G
 
 def _trace_error(error: Exception, scope: tuple[ScopeFrame, ...], model: nn.Module) -> TraceError:
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    location = _user_frame(error)
-    where = f" at {location}" if location else ""
+    frame = _user_frame(error)
+    where = f" at {frame.filename.rsplit(os.sep, 1)[-1]}:{frame.lineno}" if frame else ""
+    code = f" `{frame.line.strip()}`" if frame and frame.line else ""
+    # A failure inside a free function (not a forward) is best fixed by wrapping it.
+    helper = frame.name if frame and frame.name not in ("forward", "<module>", "<lambda>") else None
+    wrap_hint = (
+        f"autowrap_functions=[{helper}] records each call to {helper}() as one graph node"
+        if helper
+        else "if the failing code is a call to a free function, pass autowrap_functions=[that_function]"
+    )
     if scope:
-        frame = scope[-1]
-        cls = frame.type
+        failing = scope[-1]
+        cls = failing.type
         message = (
-            f"simfx could not trace {type(model).__name__}: inside module '{frame.name}' "
-            f"({cls.__module__}.{cls.__qualname__}){where}: {first_line}\n"
-            f"Keep that module opaque: transform(..., leaf_modules=[{cls.__name__}]) "
-            f"or simfx.register_leaf_module({cls.__name__}); it then runs as one graph node "
-            f"and can still take SIM as a whole. If the failing code is a free function, "
-            f"pass autowrap_functions=[that_function] instead."
+            f"simfx could not trace {type(model).__name__}: inside module '{failing.name}' "
+            f"({cls.__module__}.{cls.__qualname__}){where}{code}: {first_line}\n"
+            f"Fix: keep that module opaque with transform(..., leaf_modules=[{cls.__name__}]) "
+            f"or simfx.register_leaf_module({cls.__name__}); it then runs as one graph node and can "
+            f"still take SIM as a whole. Alternatively, {wrap_hint}."
         )
-        return TraceError(message, frame.name, cls)
+        return TraceError(message, failing.name, cls)
     message = (
-        f"simfx could not trace {type(model).__name__}.forward{where}: {first_line}\n"
-        f"The failing code is in the model's own forward, so it cannot be made a leaf module. "
-        f"Move it into a submodule and pass leaf_modules=[ThatModule], or, if it is a call to "
-        f"a free function, pass autowrap_functions=[that_function]."
+        f"simfx could not trace {type(model).__name__}.forward{where}{code}: {first_line}\n"
+        f"Fix: {wrap_hint}. Code in the model's own forward cannot be a leaf module; move it into "
+        f"a submodule and pass leaf_modules=[ThatModule] if wrapping is not possible."
     )
     return TraceError(message, "", type(model))
 
@@ -250,16 +256,13 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _SIMFX_DIR = os.path.dirname(__file__)
 
 
-def _user_frame(error: BaseException) -> str:
-    """file:line of the innermost traceback frame outside torch and simfx."""
-    frames = traceback.extract_tb(error.__traceback__)
-    for frame in reversed(frames):
+def _user_frame(error: BaseException) -> traceback.FrameSummary | None:
+    """The innermost traceback frame outside torch and simfx (the user's failing line)."""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
         path = os.path.abspath(frame.filename)
-        if path.startswith(_TORCH_DIR) or path.startswith(_SIMFX_DIR):
-            continue
-        code = f" `{frame.line.strip()}`" if frame.line else ""
-        return f"{os.path.basename(path)}:{frame.lineno} in {frame.name}{code}"
-    return ""
+        if not (path.startswith(_TORCH_DIR) or path.startswith(_SIMFX_DIR)):
+            return frame
+    return None
 
 
 def _from_graph_module(gm: fx.GraphModule) -> TracedModel:

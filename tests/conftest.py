@@ -1,0 +1,99 @@
+"""Shared fixtures and tiny models for the simfx test suite."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+# Two cores on CI: keep torch from oversubscribing them across pytest workers.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def requires_cuda():
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class InlineResidualNet(nn.Module):
+    """Residuals written inline in the forward, with no module wrapping them."""
+
+    def __init__(self, width: int = 16, depth: int = 3):
+        super().__init__()
+        self.stem = nn.Linear(8, width)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)) for _ in range(depth)
+        )
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):  # x: (B, N, 8)
+        x = self.stem(x)
+        for norm, mlp in zip(self.norms, self.mlps):
+            x = x + mlp(norm(x))
+        return self.head(x.mean(dim=1))
+
+
+class ConvBlock(nn.Module):
+    """A residual conv block that may downsample and widen."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.blocks = nn.Sequential(ConvBlock(8, 8), ConvBlock(8, 16, stride=2), ConvBlock(16, 16))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class PlainSequential(nn.Module):
+    """No residual anywhere: auto falls back to weighted children of the Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 4, 3, padding=1),
+        )
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def tiny_resnet():
+    return TinyResNet()
+
+
+@pytest.fixture
+def inline_net():
+    return InlineResidualNet()
