@@ -264,6 +264,13 @@ def test_channel_dim_from_the_weight_layer_or_sim_cfg(monkeypatch):
     assert torch.equal(seen[0][0], x.flatten(2).transpose(1, 2))
 
 
+def test_a_2d_activation_is_one_sequence_of_batch_tokens(monkeypatch):
+    block = decorated(PlainMlp, "width", token_sampling_ratio=1.0)(4)
+    seen = spy_tokens(monkeypatch, block)
+    block(torch.randn(6, 4))
+    assert seen[0][1].shape == (1, 6, 4) and torch.isfinite(block.loss_sim)
+
+
 def test_nested_decorated_blocks_each_get_a_loss_and_keep_their_own_layout():
     class Stage(nn.Module):
         @init_proj(8)
@@ -469,6 +476,13 @@ def test_deepcopy_pickle_and_dtype_move():
     double = copy.deepcopy(model).double()
     double(torch.randn(2, 3, 8, 8, dtype=torch.float64))
     assert compute_loss_sim(double).dtype == torch.float32  # loss maths in float32
+
+
+def test_eval_mode_model_exports_with_its_plain_output():
+    model = ConvNet(SimPlainConv).eval()
+    program = torch.export.export(model, (torch.randn(2, 3, 8, 8),))
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(program.module()(x), model(x))
 
 
 def test_a_reference_checkpoint_loads_after_renaming():
