@@ -7,6 +7,7 @@
 >>> plain = simfx.strip(sim)                             # same parameters, plain forward
 """
 
+from . import metrics
 from .api import BoundaryRow, BoundaryTable, find_boundaries, transform
 from .boundaries import Boundary
 from .errors import ExampleInputsError, NoEligibleBlockError, SelectorError, SimfxError, TraceError
@@ -29,6 +30,7 @@ __all__ = [
     "register_autowrap_function",
     "register_objective",
     "objective_names",
+    "metrics",
     "SimOptions",
     "Boundary",
     "BoundaryRow",

@@ -176,14 +176,45 @@ def register_objective(
 ):
     """Register an objective under ``name`` (usable as a decorator on a factory or class).
 
+    Once registered, ``name`` works wherever an objective is chosen:
+    ``simfx.transform(model, x, objective=name)`` or per block with
+    ``overrides={"layer4.*": {"objective": name, "beta": 0.1}}``.
+
+    Args:
+        name: the name to select it by.
+        factory: ``factory(in_channels, out_channels, options) -> nn.Module``; a
+            module class with that ``__init__`` signature works. It is called once
+            per chosen block with the block's channel counts (after
+            ``channel_ratio``) and its :class:`~simfx.SimOptions`. The module is
+            moved to the block's device and dtype and lives under ``simfx.<block>``.
+            Its ``forward(x_tokens, y_tokens)`` gets the block's sampled input and
+            output tokens, ``(B, k, in_channels)`` and ``(B, k, out_channels)``
+            (same k positions, same dtype as the activations), and returns a scalar
+            loss. ``x_tokens`` is detached (gradients reach the block only through
+            ``y_tokens``) and is ``None`` when ``uses_input=False``. The loss is cast
+            to float32, weighted by the block's ``beta`` and averaged with the other
+            blocks' (non-finite ones skipped). For ``torch.compile(fullgraph=True)``
+            keep ``forward`` free of ``.item()`` and value-dependent Python ``if``.
+        uses_input: whether ``forward`` reads ``x_tokens``; if not, they are never
+            computed.
+        min_tokens: fewest sampled tokens the loss is defined for (an int, or a
+            function of the options); blocks with fewer output tokens are not
+            auto-selected.
+        overwrite: replace an objective already registered under ``name``.
+
     >>> import torch, simfx
     >>> @simfx.register_objective("feature_variance", uses_input=False, overwrite=True)
-    ... class FeatureVariance(torch.nn.Module):
+    ... class FeatureVariance(torch.nn.Module):  # reward features that vary over tokens
     ...     def __init__(self, in_channels, out_channels, options):
     ...         super().__init__()
     ...     def forward(self, x_tokens, y_tokens):
     ...         return -y_tokens.float().var(dim=1).mean()
     >>> "feature_variance" in simfx.objective_names()
+    True
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    >>> sim = simfx.transform(model, torch.randn(8, 4), objective="feature_variance", beta=0.1)
+    >>> out, sim_loss = sim(torch.randn(8, 4))
+    >>> bool(sim_loss < 0)
     True
     """
 
@@ -202,6 +233,7 @@ def register_objective(
 
 
 def get_objective(name: str) -> ObjectiveSpec:
+    """The registered :class:`ObjectiveSpec` for ``name``; a ValueError lists the registered names."""
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -212,6 +244,7 @@ def get_objective(name: str) -> ObjectiveSpec:
 
 
 def objective_names() -> list[str]:
+    """Names of the registered objectives, sorted."""
     return sorted(_REGISTRY)
 
 
