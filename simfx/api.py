@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy as copy_module
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,8 @@ from .options import SimOptions
 from .rewrite import rewrite
 from .select import select_blocks
 from .shapes import propagate_shapes
-from .trace import trace_model
+from .frontend import capture
+from .trace import ExampleInputs
 
 __all__ = ["transform", "find_boundaries", "BoundaryRow", "BoundaryTable"]
 
@@ -41,16 +42,20 @@ def transform(
     dim: int = 128,
     channel_dim: int | tuple[int, int] | None = None,
     per_block: bool = False,
+    frontend: str = "auto",
     leaf_modules: Sequence[type | str] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
+    auto_opaque: bool = True,
     copy: bool = False,
 ) -> SimGraphModule:
     """Add SIM to ``model``: a new GraphModule returning ``(output, sim_loss)`` in training.
 
     Args:
         model: any ``nn.Module`` torch.fx can trace (or a ``GraphModule``).
-        example_inputs: a tensor, or a tuple of the forward's positional arguments,
-            shaped like a training batch. Used only for shapes (fake tensors).
+        example_inputs: a tensor, a tuple of the forward's positional arguments, or a
+            dict of its keyword arguments, shaped like a training batch. Tensors become
+            the transformed module's inputs, in that order; other values (flags,
+            ``None``) are bound as constants. Used only for shapes (fake tensors).
         blocks: ``"auto"`` or selectors — module classes, name globs (``"layer*.*"``),
             compiled regexes, predicates over a :class:`~simfx.Boundary` — or a list.
         exclude: selectors of blocks to leave out.
@@ -58,8 +63,12 @@ def transform(
         objective, beta, token_ratio, channel_ratio, token_sampling, loss, dim,
             channel_dim: default SIM options (see :class:`~simfx.SimOptions`).
         per_block: also return ``{block name: loss}`` as a third output.
+        frontend: ``"auto"`` (fx first; ``torch.export`` when fx fails in the model's own
+            forward or hides most parameters in opaque modules), ``"fx"`` or ``"export"``.
         leaf_modules: module classes or qualified names to keep opaque when tracing.
         autowrap_functions: free functions to record as single graph nodes.
+        auto_opaque: with fx, keep a submodule fx cannot trace opaque (one graph node)
+            and retry, instead of raising; ``find_boundaries`` reports which and why.
         copy: transform a deep copy instead of sharing the model's submodules.
 
     Returns:
@@ -94,19 +103,22 @@ def transform(
     )
     if copy:
         model = copy_module.deepcopy(model)
-    traced, metas, candidates = _analyse(model, inputs, leaf_modules, autowrap_functions)
+    traced, metas, candidates = _analyse(model, inputs, frontend, leaf_modules, autowrap_functions, auto_opaque)
     plan = select_blocks(candidates, blocks, exclude=exclude, overrides=overrides, defaults=defaults)
-    return rewrite(traced, plan, metas, candidates=candidates, example_inputs=inputs, per_block=per_block)
+    return rewrite(traced, plan, metas, candidates=candidates, example_inputs=traced.inputs, per_block=per_block)
 
 
-def _analyse(model, inputs, leaf_modules, autowrap_functions):
-    traced = trace_model(model, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
-    metas = propagate_shapes(traced.train_graph, traced.root, inputs)
+def _analyse(model, inputs, frontend, leaf_modules, autowrap_functions, auto_opaque):
+    traced = capture(
+        model, inputs, frontend=frontend, leaf_modules=leaf_modules,
+        autowrap_functions=autowrap_functions, auto_opaque=auto_opaque,
+    )
+    metas = propagate_shapes(traced.train_graph, traced.root, traced.inputs)
     candidates = find_candidates(traced.train_graph, traced.root, metas, traced.opaque)
     return traced, metas, candidates
 
 
-def _example_inputs(example_inputs: Any, model: nn.Module, caller: str) -> tuple:
+def _example_inputs(example_inputs: Any, model: nn.Module, caller: str) -> ExampleInputs:
     if example_inputs is None:
         raise ExampleInputsError(
             f"simfx.{caller} needs example_inputs for {type(model).__name__}: a batch shaped like "
@@ -114,18 +126,22 @@ def _example_inputs(example_inputs: Any, model: nn.Module, caller: str) -> tuple
             f"They fix block shapes and reconstructor sizes; only fake tensors run on them."
         )
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        if not any(isinstance(t, torch.Tensor) for t in example_inputs):
-            raise ExampleInputsError(
-                f"example_inputs for {type(model).__name__} holds no tensor; pass the forward's "
-                f"positional arguments, e.g. (torch.randn(2, 3, 224, 224),)."
-            )
-        return tuple(example_inputs)
-    raise ExampleInputsError(
-        f"example_inputs must be a tensor or a tuple of the forward's positional arguments, "
-        f"got {type(example_inputs).__name__}."
-    )
+        inputs = ExampleInputs((example_inputs,))
+    elif isinstance(example_inputs, (tuple, list)):
+        inputs = ExampleInputs(tuple(example_inputs))
+    elif isinstance(example_inputs, Mapping):
+        inputs = ExampleInputs((), dict(example_inputs))
+    else:
+        raise ExampleInputsError(
+            f"example_inputs must be a tensor, a tuple of the forward's positional arguments or a dict "
+            f"of its keyword arguments; got {type(example_inputs).__name__}."
+        )
+    if not inputs.tensors:
+        raise ExampleInputsError(
+            f"example_inputs for {type(model).__name__} holds no tensor; pass the forward's "
+            f"positional arguments, e.g. (torch.randn(2, 3, 224, 224),), or keyword arguments as a dict."
+        )
+    return inputs
 
 
 # --- find_boundaries ------------------------------------------------------------
@@ -145,7 +161,16 @@ class BoundaryRow:
 
 
 class BoundaryTable(list):
-    """A list of :class:`BoundaryRow` that prints as a table."""
+    """A list of :class:`BoundaryRow` that prints as a table.
+
+    ``opaque`` maps modules kept opaque to the reason; ``frontend`` is the tracer used.
+    """
+
+    def __init__(self, rows: Iterable[BoundaryRow] = (), *, opaque: Mapping[str, str] | None = None,
+                 frontend: str = "fx"):
+        super().__init__(rows)
+        self.opaque = dict(opaque or {})
+        self.frontend = frontend
 
     def selected(self) -> list[BoundaryRow]:
         return [r for r in self if r.selected]
@@ -171,7 +196,10 @@ class BoundaryTable(list):
             for row in rows
         ]
         chosen = sum(r.selected for r in self)
-        lines.append(f"{chosen} of {len(self)} candidates selected")
+        lines.append(f"{chosen} of {len(self)} candidates selected (frontend: {self.frontend})")
+        if self.opaque:
+            lines.append(f"{len(self.opaque)} module(s) kept opaque:")
+            lines.extend(f"  {name}: {reason}" for name, reason in self.opaque.items())
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -187,13 +215,17 @@ def find_boundaries(
     *,
     blocks: Any = "auto",
     exclude: Any = (),
+    frontend: str = "auto",
     leaf_modules: Sequence[type | str] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
+    auto_opaque: bool = True,
     **options: Any,
 ) -> BoundaryTable:
     """Preview every candidate boundary and what the selection would do with it.
 
-    Takes the same selection arguments as :func:`transform` and changes nothing.
+    Takes the same selection and tracing arguments as :func:`transform` and changes
+    nothing. The table also lists the modules kept opaque and why
+    (``table.opaque``), and which frontend captured the model (``table.frontend``).
 
     >>> import torch, torchvision, simfx
     >>> table = simfx.find_boundaries(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64))
@@ -202,9 +234,11 @@ def find_boundaries(
     """
     inputs = _example_inputs(example_inputs, model, "find_boundaries")
     defaults = SimOptions().replace(**options)
-    traced, metas, candidates = _analyse(model, inputs, leaf_modules, autowrap_functions)
+    traced, metas, candidates = _analyse(model, inputs, frontend, leaf_modules, autowrap_functions, auto_opaque)
     plan = select_blocks(candidates, blocks, exclude=exclude, defaults=defaults, allow_empty=True)
     chosen = set(plan.names)
     return BoundaryTable(
-        BoundaryRow(b, b.name in chosen, plan.decisions.get(b.name, b.reason)) for b in candidates
+        (BoundaryRow(b, b.name in chosen, plan.decisions.get(b.name, b.reason)) for b in candidates),
+        opaque=traced.opaque,
+        frontend=traced.frontend,
     )

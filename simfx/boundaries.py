@@ -29,8 +29,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .shapes import TensorMeta, _weight_layer_channel_dim
-from .trace import SCOPE_KEY, ScopeFrame
+from .shapes import TensorMeta, _weight_layer_channel_dim, op_name
+from .trace import SCOPE_KEY, ScopeFrame, fetch_attr
 
 __all__ = ["Boundary", "find_candidates", "layout_name", "token_count"]
 
@@ -52,6 +52,7 @@ class Boundary:
         opaque: a leaf module kept opaque by a registration (one graph node).
         produces_output: ``y`` is (part of) the model's output.
         has_weight: owns a parameter with 2+ dims (conv, linear, attention).
+        weight_layers: how many conv/linear-like layers the region applies.
         container_child: a direct child of an ``nn.Sequential``/``nn.ModuleList``.
         eligible: can take SIM; if not, ``reason`` says why.
     """
@@ -70,6 +71,7 @@ class Boundary:
     opaque: bool = False
     produces_output: bool = False
     has_weight: bool = False
+    weight_layers: int = 0
     container_child: bool = False
     eligible: bool = True
     reason: str = ""
@@ -127,9 +129,10 @@ def default_channel_dim(rank: int) -> int:
 # --- graph facts ------------------------------------------------------------
 
 
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
 _ADD_METHODS = ("add", "add_")
 _INPLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+_SHAPE_QUERIES = frozenset({"size", "dim", "numel", "getattr", "sym_size", "sym_numel", "sym_stride", "len"})
 
 
 class _GraphFacts:
@@ -145,8 +148,19 @@ class _GraphFacts:
         self.output = next(n for n in reversed(self.nodes) if n.op == "output")
         self.output_values = set(self.output.all_input_nodes)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        # Nodes the output depends on. The rest are side effects (an exported graph's
+        # BatchNorm running-statistic updates) and never count as a value leaving a region.
+        self.live: set[fx.Node] = {self.output}
+        for n in reversed(self.nodes):
+            if n in self.live:
+                self.live.update(n.all_input_nodes)
+        # Activations: values computed from the inputs' data. Shape queries (and the
+        # integer maths and masks built from them) carry no data, so a causal mask made
+        # from x.size(1) is not a second tensor flowing into every attention block.
         self.activation: set[fx.Node] = set()
         for n in self.nodes:
+            if n not in self.live or self._is_shape_query(n):
+                continue
             if n.op == "placeholder" or any(a in self.activation for a in n.all_input_nodes):
                 self.activation.add(n)
         first_tensor = next(
@@ -155,6 +169,9 @@ class _GraphFacts:
         self.batch = first_tensor.shape[0] if first_tensor and first_tensor.rank else None
         self._dom = _DominatorTree(self._activation_graph(placeholders), _SOURCE)
         self._pdom = _DominatorTree(self._activation_graph(placeholders).reverse(copy=False), self.output)
+
+    def _is_shape_query(self, node: fx.Node) -> bool:
+        return node.name not in self.metas and op_name(node.target) in _SHAPE_QUERIES
 
     def tensor_meta(self, node: fx.Node) -> TensorMeta | None:
         meta = self.metas.get(node.name)
@@ -193,9 +210,13 @@ class _GraphFacts:
             module = self.module(node.target)
             return module is not None and any(p.dim() >= 2 for p in module.parameters())
         if node.op == "get_attr":
-            value = _fetch(self.root, node.target)
+            value = fetch_attr(self.root, node.target)
             return isinstance(value, torch.Tensor) and value.dim() >= 2 and isinstance(value, nn.Parameter)
         return False
+
+    def applies_weight(self, node: fx.Node) -> bool:
+        """Node owns or reads a parameter of 2+ dims (export graphs read them through get_attr inputs)."""
+        return self.owns_weight(node) or any(a.op == "get_attr" and self.owns_weight(a) for a in node.all_input_nodes)
 
     def is_matrix_layer(self, node: fx.Node) -> bool:
         """Conv/linear-like: changes features through a weight (norm layers excepted)."""
@@ -240,15 +261,6 @@ class _DominatorTree:
         return self.enter[a] <= self.enter[b] and self.leave[b] <= self.leave[a]
 
 
-def _fetch(root: nn.Module, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(
         module,
@@ -273,6 +285,8 @@ def _is_inplace(node: fx.Node, facts: _GraphFacts) -> bool:
         name = str(node.target)
         return name.endswith("_") and not name.startswith("__")
     if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            return op_name(node.target).endswith("_")
         return node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True
     if node.op == "call_module":
         return getattr(facts.module(node.target), "inplace", False) is True
@@ -315,9 +329,13 @@ def find_candidates(
         owner, enclosing = _owner(add, region, frames, frame_regions, facts)
         if owner is not None:
             owned.setdefault(owner, add)
-        else:
-            prefix = f"{enclosing.key}." if enclosing is not None else ""
-            standalone.append((f"{prefix}{add.name}", region))
+            if frame_regions[owner].entry is region.entry:
+                continue  # the module is this residual (up to a norm or activation after the add)
+        # A residual of some inner value (the second residual of a transformer layer)
+        # stays a candidate: when auto prefers a residual module nested deeper (HF
+        # BertLayer's BertAttention), the layer's feed-forward residual still gets SIM.
+        prefix = f"{enclosing.key}." if enclosing is not None else ""
+        standalone.append((f"{prefix}{add.name}", region))
 
     candidates = []
     for frame, region in frame_regions.items():
@@ -329,7 +347,7 @@ def find_candidates(
                 module_type=frame.type,
                 region=region,
                 facts=facts,
-                residual=frame in owned,
+                residual=frame in owned or _sums_branches_of_entry(region, facts),
                 opaque=(len(region.nodes) == 1 and region.nodes[0].op == "call_module" and frame.name in opaque),
                 has_weight=module is not None and any(p.dim() >= 2 for p in module.parameters()),
                 container_child=_parent_is_container(frame.name, facts),
@@ -346,7 +364,7 @@ def find_candidates(
                 facts=facts,
                 residual=True,
                 opaque=False,
-                has_weight=any(facts.owns_weight(n) for n in region.nodes),
+                has_weight=any(facts.applies_weight(n) for n in region.nodes),
                 container_child=False,
                 module_name=None,
             )
@@ -371,7 +389,7 @@ def _analyse_region(nodes: list[fx.Node], facts: _GraphFacts) -> _Region:
             tensor_inputs.append(a)
         elif isinstance(meta, tuple):
             tensor_inputs.extend([a] * len(meta))
-    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    outputs = [n for n in nodes if any(u not in inside and u in facts.live for u in n.users)]
 
     if not tensor_inputs:
         region.reason = "no activation tensor flows in"
@@ -438,20 +456,46 @@ def _owner(add, region, frames, frame_regions, facts):
     return None, None
 
 
-def _exit_follows(exit_node: fx.Node, add: fx.Node, facts: _GraphFacts, limit: int = 4) -> bool:
+def _exit_follows(exit_node: fx.Node, add: fx.Node, facts: _GraphFacts) -> bool:
     """``exit_node`` is ``add`` or follows it through a short chain of shape-keeping ops."""
+    return _trailing_add(exit_node, facts) is add
+
+
+def _trailing_add(exit_node: fx.Node, facts: _GraphFacts, limit: int = 4) -> fx.Node | None:
+    """The add ``exit_node`` is, or follows through a short chain of shape-keeping, weight-free ops."""
     node = exit_node
     for _ in range(limit + 1):
-        if node is add:
-            return True
+        if is_add(node):
+            return node
         inputs = [a for a in node.all_input_nodes if a in facts.activation]
         meta, prev = facts.tensor_meta(node), facts.tensor_meta(inputs[0]) if len(inputs) == 1 else None
         if len(inputs) != 1 or meta is None or prev is None or meta.shape != prev.shape:
-            return False
+            return None
         if facts.is_matrix_layer(node):
-            return False
+            return None
         node = inputs[0]
-    return False
+    return None
+
+
+def _sums_branches_of_entry(region: _Region, facts: _GraphFacts) -> bool:
+    """A single-input scope ending in ``F(x) + x`` or ``F(x) + shortcut(x)``, judged inside the scope.
+
+    The graph-wide dominator test misses a block whose input is also used
+    elsewhere (Ultralytics' C2f concatenates each bottleneck's input too).
+    """
+    if region.reason or region.exit is None:
+        return False
+    add = _trailing_add(region.exit, facts)
+    if add is None:
+        return False
+    inside = set(region.nodes) | {region.entry}
+    operands = [a for a in add.args[:2] if isinstance(a, fx.Node)]
+    shapes = {facts.tensor_meta(a).shape if facts.tensor_meta(a) else None for a in operands}
+    if len(operands) != 2 or not all(a in inside for a in operands) or len(shapes) != 1 or None in shapes:
+        return False
+    # The two branches split at the entry itself, not at a value computed inside
+    # (an nn.Sequential whose last block is residual is not residual itself).
+    return facts.idom(add) is region.entry
 
 
 def _parent_is_container(name: str, facts: _GraphFacts) -> bool:
@@ -490,6 +534,7 @@ def _make_boundary(*, name, kind, module_type, region: _Region, facts: _GraphFac
         opaque=opaque,
         produces_output=exit_ is not None and exit_ in facts.output_values,
         has_weight=has_weight,
+        weight_layers=sum(facts.is_matrix_layer(n) for n in region.nodes),
         container_child=container_child,
         eligible=not reason,
         reason=reason,

@@ -14,12 +14,14 @@ class TraceError(SimfxError, RuntimeError):
         module_name: qualified name of the innermost module being traced when it
             failed ("" for the model's own forward).
         module_type: that module's class, or None.
+        cause: the first line of the tracer's own error.
     """
 
-    def __init__(self, message: str, module_name: str = "", module_type: type | None = None):
+    def __init__(self, message: str, module_name: str = "", module_type: type | None = None, cause: str = ""):
         super().__init__(message)
         self.module_name = module_name
         self.module_type = module_type
+        self.cause = cause
 
 
 class NoEligibleBlockError(SimfxError, ValueError):

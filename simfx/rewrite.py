@@ -43,6 +43,7 @@ class SimInfo:
     opaque: Mapping[str, str] = field(default_factory=dict)
     example_shapes: tuple[tuple[int, ...] | None, ...] = ()
     per_block: bool = False
+    frontend: str = "fx"
 
 
 def rewrite(
@@ -106,6 +107,7 @@ def rewrite(
         opaque=dict(traced.opaque),
         example_shapes=tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in example_inputs),
         per_block=per_block,
+        frontend=traced.frontend,
     )
     return sim
 

@@ -4,9 +4,13 @@
 
 1. residual blocks — module scopes that own a residual add (the innermost such
    scope when they nest), and residual regions that no chosen module wraps;
+   together with modules kept opaque (fx could not see inside them) that own a
+   weight and either keep their input's shape or repeat among their siblings;
 2. where a model has none, the children of ``nn.Sequential``/``nn.ModuleList``
    containers that own a weight of 2+ dims (a child that is itself a container of
    two or more such children is descended into);
+3. where a model has neither, the innermost modules that apply two or more
+   weight layers (multi-branch blocks such as Inception's);
 
 never the block that produces the model's output, and never a block whose output
 has fewer tokens than its objective needs at the example input size.
@@ -159,12 +163,20 @@ def _auto(candidates: Sequence[Boundary]) -> tuple[list[Boundary], dict[str, str
         if not b.eligible:
             why[b.name] = b.reason
     residual = [b for b in eligible if b.residual and b.has_weight]
-    if residual:
-        picked = _innermost_residual(residual, why)
+    opaque = _opaque_blocks(eligible, candidates)
+    if residual or opaque:
+        picked = _innermost_residual(residual, why) + opaque
+        for b in opaque:
+            why[b.name] = "an opaque block that looks residual or repeats among its siblings"
+        order = {b.name: i for i, b in enumerate(candidates)}
+        picked.sort(key=lambda b: order[b.name])
         mode = "a residual block"
     else:
         picked = _container_children(eligible, why)
         mode = "a weighted child of an nn.Sequential/nn.ModuleList"
+        if not picked:
+            picked = _composite_blocks(eligible, why)
+            mode = "a block of 2+ weight layers"
     final = []
     for b in picked:
         if b.produces_output:
@@ -178,19 +190,66 @@ def _auto(candidates: Sequence[Boundary]) -> tuple[list[Boundary], dict[str, str
 
 
 def _innermost_residual(residual: list[Boundary], why: dict[str, str]) -> list[Boundary]:
+    """Innermost residual modules, then residual regions that no picked module covers."""
     node_sets = {b.name: set(b.nodes) for b in residual}
     modules = [b for b in residual if b.kind == "module"]
+    regions = [b for b in residual if b.kind == "residual"]
     picked = []
-    for b in residual:
-        inner = [m for m in modules if m is not b and node_sets[m.name] < node_sets[b.name]]
-        if b.kind == "module" and inner:
+    def nested(inner: Boundary, outer: Boundary) -> bool:
+        # A container of one block covers the same nodes: the deeper module wins.
+        same = node_sets[inner.name] == node_sets[outer.name] and len(inner.name) > len(outer.name)
+        return same or node_sets[inner.name] < node_sets[outer.name]
+
+    for b in modules:
+        inner = [m for m in modules if m is not b and nested(m, b)]
+        if inner:
             why[b.name] = f"contains residual block '{inner[0].name}' (auto picks the innermost)"
-            continue
-        outer = [m for m in modules if m is not b and node_sets[b.name] < node_sets[m.name]]
-        if b.kind == "residual" and outer:
+        else:
+            picked.append(b)
+    for b in regions:
+        outer = [m for m in picked if node_sets[b.name] <= node_sets[m.name]]
+        if outer:
             why[b.name] = f"inside residual block '{outer[-1].name}'"
             continue
+        inner = [c for c in picked + regions if c is not b and node_sets[c.name] < node_sets[b.name]]
+        if inner:
+            why[b.name] = f"contains residual block '{inner[0].name}' (auto picks the innermost)"
+            continue
         picked.append(b)
+    order = {b.name: i for i, b in enumerate(residual)}
+    return sorted(picked, key=lambda b: order[b.name])
+
+
+def _opaque_blocks(eligible: list[Boundary], candidates: Sequence[Boundary]) -> list[Boundary]:
+    """Opaque weighted modules whose output has the input's shape, or that repeat among siblings.
+
+    fx cannot see inside them, so they stand in for the residual blocks they usually
+    are (an untraceable block whose shape is kept, or a stage of repeated blocks).
+    """
+    siblings: dict[tuple[str, type], int] = {}
+    for b in candidates:
+        if b.kind == "module" and b.module_name:
+            key = (b.module_name.rpartition(".")[0], b.module_type)
+            siblings[key] = siblings.get(key, 0) + 1
+    return [
+        b for b in eligible
+        if b.opaque and b.has_weight and (
+            b.in_shape == b.out_shape or siblings.get((b.module_name.rpartition(".")[0], b.module_type), 0) >= 2
+        )
+    ]
+
+
+def _composite_blocks(eligible: list[Boundary], why: dict[str, str]) -> list[Boundary]:
+    """Innermost modules applying two or more weight layers (Inception-style multi-branch blocks)."""
+    composite = [b for b in eligible if b.kind == "module" and b.weight_layers >= 2]
+    node_sets = {b.name: set(b.nodes) for b in composite}
+    picked = []
+    for b in composite:
+        inner = next((c for c in composite if c is not b and node_sets[c.name] < node_sets[b.name]), None)
+        if inner is not None:
+            why[b.name] = f"contains block '{inner.name}' (auto picks the innermost)"
+        else:
+            picked.append(b)
     return picked
 
 
@@ -303,8 +362,8 @@ def _nothing_selected(candidates: Sequence[Boundary], decisions: Mapping[str, st
     shown = "\n".join(rows[:20]) + (f"\n  ... {len(rows) - 20} more" if len(rows) > 20 else "")
     if blocks == "auto":
         head = (
-            "no eligible block: auto found no residual block and no weighted child of an "
-            "nn.Sequential/nn.ModuleList that can take SIM."
+            "no eligible block: auto found no residual block, no weighted child of an "
+            "nn.Sequential/nn.ModuleList and no block of 2+ weight layers that can take SIM."
         )
     else:
         head = "no eligible block: the selection left no block that can take SIM."

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.interpreter import Interpreter
 
+from .trace import preserved_module_state
+
 __all__ = ["TensorMeta", "propagate_shapes"]
 
 log = logging.getLogger("simfx")
@@ -55,7 +57,8 @@ def propagate_shapes(
     Nodes producing anything else (ints, shapes, None) are absent from the result.
     """
     try:
-        return _fake_run(graph, root, example_inputs)
+        with preserved_module_state(root):
+            return _fake_run(graph, root, example_inputs)
     except Exception as error:  # fake tensors refuse data-dependent ops, among others
         log.info("fake-tensor shape pass failed (%s); using one real run on a copy", error)
         return _real_run(graph, root, example_inputs)
@@ -147,7 +150,7 @@ def _channel_dim(node: fx.Node, shape: tuple[int, ...], metas, root) -> int | No
     rank = len(shape)
     if rank < 2:
         return None
-    fixed = _weight_layer_channel_dim(node, root)
+    fixed = _weight_layer_channel_dim(node, root) or _tuple_source_kind(node, root)
     if fixed == "first":
         return 1
     if fixed == "last":
@@ -160,6 +163,25 @@ def _channel_dim(node: fx.Node, shape: tuple[int, ...], metas, root) -> int | No
     if moved is not _UNKNOWN:
         return moved
     return _inherit_same_shape(node, shape, metas)
+
+
+# ATen operator names (export graphs), by overload packet.
+_CHANNEL_FIRST_ATEN = {
+    "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+    "_native_batch_norm_legit_no_training", "group_norm", "native_group_norm", "instance_norm",
+}
+_CHANNEL_LAST_ATEN = {"linear", "layer_norm", "native_layer_norm", "rms_norm", "embedding"}
+
+
+def op_name(target) -> str | None:
+    """``"permute"`` for ``aten.permute.default``, ``Tensor.permute`` or ``torch.permute``."""
+    if isinstance(target, str):
+        return target
+    packet = getattr(target, "overloadpacket", None)
+    if packet is not None:
+        return packet.__name__
+    return getattr(target, "__name__", None)
 
 
 def _weight_layer_channel_dim(node: fx.Node, root: nn.Module) -> str | None:
@@ -176,6 +198,21 @@ def _weight_layer_channel_dim(node: fx.Node, root: nn.Module) -> str | None:
             return "first"
         if node.target in _CHANNEL_LAST_FUNCTIONS:
             return "last"
+        if isinstance(node.target, torch._ops.OpOverload):
+            name = op_name(node.target)
+            if name in _CHANNEL_FIRST_ATEN:
+                return "first"
+            if name in _CHANNEL_LAST_ATEN:
+                return "last"
+    return None
+
+
+def _tuple_source_kind(node: fx.Node, root: nn.Module) -> str | None:
+    """Element 0 of a weight layer returning a tuple (ATen's native norms) has that layer's axis."""
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        source = node.args[0]
+        if isinstance(source, fx.Node):
+            return _weight_layer_channel_dim(source, root)
     return None
 
 
@@ -184,7 +221,7 @@ _UNKNOWN = object()
 
 def _moved_channel_dim(node: fx.Node, source: TensorMeta, shape: tuple[int, ...]):
     """Channel axis after a layout op on a tensor whose axis is known; _UNKNOWN if not a layout op."""
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    name = op_name(node.target)
     if node.op not in ("call_method", "call_function") or name is None:
         return _UNKNOWN
     c, in_rank, out_rank = source.channel_dim, source.rank, len(shape)
@@ -194,7 +231,9 @@ def _moved_channel_dim(node: fx.Node, source: TensorMeta, shape: tuple[int, ...]
         dims = node.kwargs.get("dims", dims)
         dims = [d % in_rank for d in dims if isinstance(d, int)]
         return dims.index(c) if c in dims else None
-    if name in ("transpose", "swapaxes", "swapdims"):
+    if name in ("transpose", "swapaxes", "swapdims", "t"):
+        if name == "t":
+            rest = (0, 1)
         if len(rest) >= 2 and all(isinstance(d, int) for d in rest[:2]):
             a, b = (d % in_rank for d in rest[:2])
             return b if c == a else a if c == b else c
@@ -206,7 +245,7 @@ def _moved_channel_dim(node: fx.Node, source: TensorMeta, shape: tuple[int, ...]
             order.insert(dst, order.pop(src))
             return order.index(c)
         return None
-    if name in ("flatten", "reshape", "view", "contiguous", "unflatten", "squeeze", "unsqueeze"):
+    if name in ("flatten", "reshape", "view", "_unsafe_view", "contiguous", "unflatten", "squeeze", "unsqueeze"):
         # Keep the axis when it survives as "the last one" or as "axis 1" with the
         # same size; anything else is a genuine relayout we do not guess at.
         if c == in_rank - 1 and shape[-1] == source.shape[-1]:
@@ -222,7 +261,7 @@ def _inherit_same_shape(node: fx.Node, shape: tuple[int, ...], metas) -> int | N
     for arg in _tensor_args(node):
         meta = metas.get(arg.name)
         if isinstance(meta, TensorMeta) and meta.channel_dim is not None and meta.rank == len(shape):
-            if meta.shape == shape or node.target in (torch.cat, operator.getitem, "narrow"):
+            if meta.shape == shape or op_name(node.target) in ("cat", "getitem", "narrow", "slice"):
                 return meta.channel_dim
     return None
 

@@ -10,11 +10,12 @@ from torch import nn
 
 import simfx
 from simfx.api import _analyse
+from simfx.trace import ExampleInputs
 from conftest import ConvBlock, InlineResidualNet, TinyResNet
 
 
 def candidates(model, *inputs):
-    return {b.name: b for b in _analyse(model, inputs, (), ())[2]}
+    return {b.name: b for b in _analyse(model, ExampleInputs(inputs), "fx", (), (), False)[2]}
 
 
 def test_module_scope_records(tiny_resnet):
@@ -142,7 +143,8 @@ def test_find_boundaries_is_a_printable_preview(tiny_resnet):
     assert text.splitlines()[0].split()[:4] == ["name", "type", "in", "out"]
     assert re.search(r"blocks\.1\s+ConvBlock\s+2x8x16x16\s+2x16x8x8\s+NCHW->NCHW\s+yes\s+yes\s+selected by ConvBlock", text)
     assert "excluded by 'blocks.2'" in text
-    assert text.endswith(f"2 of {len(table)} candidates selected")
+    assert text.endswith(f"2 of {len(table)} candidates selected (frontend: fx)")
+    assert table.frontend == "fx" and table.opaque == {}
 
 
 def test_find_boundaries_reports_when_nothing_is_eligible():

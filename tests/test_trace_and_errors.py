@@ -38,7 +38,7 @@ class UsesDataDependentBlock(nn.Module):
 
 def test_untraceable_block_error_names_module_and_fix():
     with pytest.raises(simfx.TraceError) as info:
-        simfx.transform(UsesDataDependentBlock(), torch.randn(2, 4))
+        simfx.transform(UsesDataDependentBlock(), torch.randn(2, 4), frontend="fx", auto_opaque=False)
     message = str(info.value)
     assert "inside module 'block'" in message
     assert "DataDependentBlock" in message
@@ -145,8 +145,10 @@ def test_missing_example_inputs():
         simfx.transform(TinyResNet())
     with pytest.raises(simfx.ExampleInputsError, match="holds no tensor"):
         simfx.transform(TinyResNet(), (1, 2))
-    with pytest.raises(simfx.ExampleInputsError, match="must be a tensor or a tuple"):
-        simfx.transform(TinyResNet(), {"x": torch.randn(1)})
+    with pytest.raises(simfx.ExampleInputsError, match="must be a tensor, a tuple .* or a dict"):
+        simfx.transform(TinyResNet(), "images")
+    with pytest.raises(TypeError, match=r"example_inputs do not fit TinyResNet.forward\(x\): .*'images'"):
+        simfx.transform(TinyResNet(), {"images": torch.randn(2, 3, 8, 8)})
 
 
 def test_selector_matching_nothing_lists_names(tiny_resnet):
