@@ -17,6 +17,7 @@ from .options import SimOptions
 from .rewrite import original_state_dict, strip
 from .select import Plan, PlannedBlock
 from .trace import register_autowrap_function, register_leaf_module
+from . import integrations  # noqa: F401  (library registrations, e.g. timm's notrace marks)
 from . import compat  # simfx.compat: the SIM-pytorch decorator API; no dependency beyond the modules above
 
 __version__ = "0.1.0"

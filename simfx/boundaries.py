@@ -348,7 +348,7 @@ def find_candidates(
                 region=region,
                 facts=facts,
                 residual=frame in owned or _sums_branches_of_entry(region, facts),
-                opaque=(len(region.nodes) == 1 and region.nodes[0].op == "call_module" and frame.name in opaque),
+                opaque=frame.name in opaque and region.nodes[0].op == "call_module",
                 has_weight=module is not None and any(p.dim() >= 2 for p in module.parameters()),
                 container_child=_parent_is_container(frame.name, facts),
                 module_name=frame.name,
@@ -403,11 +403,24 @@ def _analyse_region(nodes: list[fx.Node], facts: _GraphFacts) -> _Region:
     else:
         region.entry, region.exit = tensor_inputs[0], outputs[0]
         out_meta = facts.metas.get(region.exit.name)
-        if isinstance(out_meta, tuple):
+        first = _only_first_element_used(region.exit, facts) if isinstance(out_meta, tuple) else None
+        if first is not None:
+            # A block returning (y, extras) whose extras nobody uses is a y-boundary.
+            region.exit = first
+            region.nodes = [*nodes, first]
+        elif isinstance(out_meta, tuple):
             region.reason = f"returns a tuple of {len(out_meta)} tensors"
         elif not isinstance(out_meta, TensorMeta):
             region.reason = "its result is not a tensor"
     return region
+
+
+def _only_first_element_used(node: fx.Node, facts: _GraphFacts) -> fx.Node | None:
+    """The ``node[0]`` getitem when that is the only use of a tuple-valued node."""
+    users = [u for u in node.users if u in facts.live]
+    if users and all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in users):
+        return users[0]
+    return None
 
 
 def _residual_region(add: fx.Node, facts: _GraphFacts):

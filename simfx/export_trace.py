@@ -28,6 +28,7 @@ What the export path cannot do (documented in the README):
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.fx as fx
@@ -72,7 +73,9 @@ def export_model(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
         root.__class__ = bound
     args = inputs.tensors if bound is not None else tuple(inputs.args)
     exported = []
-    with preserved_module_state(model):
+    # export warns about tensors a forward caches on modules; preserved_module_state undoes them.
+    with preserved_module_state(model), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
         for training in (True, False):
             root.train(training)
             exported.append(_export(root, args, model))
@@ -135,6 +138,7 @@ def _rooted_graph(gm: fx.GraphModule, root: nn.Module, model: nn.Module, mode: s
         constants.append(name)
         node.target = name
 
+    _read_mutated_buffers_through_copies(graph)
     outputs = list(flat_outputs) if isinstance(flat_outputs, (tuple, list)) else [flat_outputs]
     if spec is None or spec.is_leaf():
         result = outputs[0] if spec is not None else flat_outputs
@@ -150,9 +154,31 @@ def _rooted_graph(gm: fx.GraphModule, root: nn.Module, model: nn.Module, mode: s
     return graph
 
 
+def _read_mutated_buffers_through_copies(graph: fx.Graph) -> None:
+    """Ops read a clone of each buffer the graph later overwrites with ``copy_``.
+
+    Functionalised BatchNorm returns new running statistics that ``copy_`` writes
+    back at the end of the graph; autograd has saved the old ones for backward
+    (``native_batch_norm_backward`` takes them), so the write would fail the
+    backward's version check. Reading a copy keeps the maths and frees the buffer.
+    """
+    copy_ = torch.ops.aten.copy_.default
+    mutated = {n.args[0] for n in graph.nodes if n.op == "call_function" and n.target is copy_
+               and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"}
+    for buffer in mutated:
+        readers = [u for u in buffer.users if not (u.target is copy_ and u.args[0] is buffer)]
+        if not readers:
+            continue
+        with graph.inserting_after(buffer):
+            clone = graph.call_function(torch.ops.aten.clone.default, (buffer,))
+        for reader in readers:
+            reader.replace_input_with(buffer, clone)
+
+
 def _children(spec):
-    children = getattr(spec, "children_specs", None)
-    return children if children is not None else [spec.child(i) for i in range(spec.num_children)]
+    if hasattr(spec, "children"):  # torch >= 2.10; children_specs is deprecated there
+        return list(spec.children())
+    return list(spec.children_specs)
 
 
 def _resolves(model: nn.Module, target: str) -> bool:

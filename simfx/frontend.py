@@ -2,8 +2,9 @@
 
 ``frontend="auto"`` (the default) tries fx first, keeping submodules it cannot
 trace opaque, and switches to ``torch.export`` when fx fails in the model's own
-forward or when the opaque modules hold most of the model's parameters (SIM
-would then see too little of it). ``"fx"`` and ``"export"`` force one frontend.
+forward or when the opaque modules hold more than a quarter of the model's
+parameters (SIM would then see too little of it, and export sees inside them).
+``"fx"`` and ``"export"`` force one frontend.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ __all__ = ["FRONTENDS", "capture"]
 
 FRONTENDS = ("auto", "fx", "export")
 # Above this share of parameters hidden in automatically opaque modules, auto tries export.
-MOSTLY_OPAQUE = 0.5
+OPAQUE_LIMIT = 0.25
 
 log = logging.getLogger("simfx")
 
@@ -56,7 +57,7 @@ def capture(
                 fx_error.module_name, fx_error.module_type, fx_error.cause,
             ) from export_error
     hidden = _opaque_share(model, traced)
-    if hidden > MOSTLY_OPAQUE:
+    if hidden > OPAQUE_LIMIT:
         try:
             exported = _export(model, inputs)
         except TraceError as error:
