@@ -65,8 +65,11 @@ def rewrite(
     heads = nn.ModuleDict()
     losses: list[fx.Node] = []
     weights: list[float] = []
+    # Reconstructors live with the model's parameters: example inputs may sit
+    # elsewhere (on the meta device, or on the CPU for a model already on the GPU).
+    device = next((p.device for p in traced.root.parameters()), None)
     for block in plan.blocks:
-        heads[block.key] = _build_head(block)
+        heads[block.key] = _build_head(block, device)
         boundary = block.boundary
         x, y = nodes[boundary.entry], nodes[boundary.exit]
         with train_graph.inserting_after(y):
@@ -112,7 +115,7 @@ def rewrite(
     return sim
 
 
-def _build_head(block: PlannedBlock) -> BoundaryObjective:
+def _build_head(block: PlannedBlock, device: torch.device | None) -> BoundaryObjective:
     b, options = block.boundary, block.options
     in_cd, out_cd = _channel_dims(b, options.channel_dims())
     module = build_objective(
@@ -123,7 +126,7 @@ def _build_head(block: PlannedBlock) -> BoundaryObjective:
         out_width=b.out_meta.shape[out_cd],
     )
     dtype = b.out_meta.dtype if b.out_meta.dtype.is_floating_point else None
-    return module.to(device=_device(b.out_meta), dtype=dtype)
+    return module.to(device=device or torch.device(b.out_meta.device), dtype=dtype)
 
 
 def _channel_dims(b: Boundary, override: tuple[int | None, int | None]) -> tuple[int, int]:
@@ -142,10 +145,6 @@ def _channel_dims(b: Boundary, override: tuple[int | None, int | None]) -> tuple
             )
         dims.append(forced % meta.rank)
     return dims[0], dims[1]
-
-
-def _device(meta: TensorMeta) -> torch.device:
-    return torch.device(meta.device)
 
 
 def _output_node(graph: fx.Graph) -> fx.Node:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.interpreter import Interpreter
 
+from .errors import ExampleInputsError
 from .trace import preserved_module_state
 
 __all__ = ["TensorMeta", "propagate_shapes"]
@@ -61,7 +62,19 @@ def propagate_shapes(
             return _fake_run(graph, root, example_inputs)
     except Exception as error:  # fake tensors refuse data-dependent ops, among others
         log.info("fake-tensor shape pass failed (%s); using one real run on a copy", error)
+    try:
         return _real_run(graph, root, example_inputs)
+    except Exception as error:  # the example does not fit the model: say so plainly
+        described = ", ".join(
+            f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            for t in example_inputs
+        )
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ExampleInputsError(
+            f"{type(root).__name__} cannot run on the example inputs ({described}): {first}\n"
+            f"Pass example_inputs shaped like a training batch, with the dtype and on the device of the "
+            f"model's parameters."
+        ) from error
 
 
 class _ShapeRecorder(Interpreter):
