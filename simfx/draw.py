@@ -268,7 +268,8 @@ def to_dot(view: nx.DiGraph, title: str) -> str:
     def node_line(n, indent="  "):
         attrs = view.nodes[n]
         fill, border = COLOURS[attrs["kind"]]
-        return f"{indent}{ids[n]} [label={quote(attrs['label'])}, fillcolor=\"{fill}\", color=\"{border}\"];"
+        return (f"{indent}{ids[n]} [id={quote('box_' + n)}, label={quote(attrs['label'])}, "
+                f"fillcolor=\"{fill}\", color=\"{border}\"];")
 
     for i, (name, members) in enumerate(clusters.items()):
         lines.append(f"  subgraph cluster_{i} {{")
@@ -427,7 +428,7 @@ def _draw_matplotlib(view: nx.DiGraph, path: Path, title: str, full: bool) -> No
         # Clusters first, underneath: one rounded band per boundary and column.
         for name in sorted(clusters):
             members = [n for n, c in view.nodes(data="cluster") if c == name]
-            for col in sorted({column_of(n) for n in members}):
+            for part, col in enumerate(sorted({column_of(n) for n in members})):
                 pts = [centre(n) for n in members if column_of(n) == col]
                 x0 = min(x for x, _ in pts) - geo.box_w / 2 - 0.07
                 x1 = max(x for x, _ in pts) + geo.box_w / 2 + 0.07
@@ -436,7 +437,7 @@ def _draw_matplotlib(view: nx.DiGraph, path: Path, title: str, full: bool) -> No
                 band = FancyBboxPatch((x0, y0), x1 - x0, y1 - y0, boxstyle="round,pad=0,rounding_size=0.06",
                                       facecolor=CLUSTER[0], edgecolor=CLUSTER[1], linestyle="--", linewidth=0.8,
                                       zorder=0)
-                band.set_gid(f"cluster_{name}")
+                band.set_gid(f"cluster_{name}" if part == 0 else f"cluster_{name}-{part}")  # ids stay unique
                 ax.add_patch(band)
                 if full:
                     ax.text(x0 - 0.06, y0 + 0.05, name, fontsize=geo.font + 0.6, color=CLUSTER[1], ha="right",
@@ -448,7 +449,7 @@ def _draw_matplotlib(view: nx.DiGraph, path: Path, title: str, full: bool) -> No
             box = FancyBboxPatch((x - geo.box_w / 2, y - geo.box_h / 2), geo.box_w, geo.box_h,
                                  boxstyle="round,pad=0,rounding_size=0.05", facecolor=fill, edgecolor=border,
                                  linewidth=1.1 if attrs["kind"] in ("block", "sim", "loss") else 0.7, zorder=3)
-            box.set_gid(f"{attrs['kind']}_{n}")
+            box.set_gid(f"box_{n}")
             ax.add_patch(box)
             lines = attrs["label"].split("\n")
             ax.text(x, y, "\n".join(lines), fontsize=geo.font, ha="center", va="center", zorder=4,

@@ -207,11 +207,14 @@ class Report:
     def _rejected_groups(self) -> list[tuple[str, str]]:
         """(reason, names): reasons that differ only in a quoted node name share a line, and
         names that differ only in their numbers fold into one pattern (exact data: to_dict())."""
-        by_reason: dict[str, list[str]] = {}
+        groups: dict[str, list[RejectedRow]] = {}
         for r in self.rejected:
-            reason = re.sub(r"'[^']*'", "'...'", r.reason or "not selected")
-            by_reason.setdefault(reason, []).append(r.name)
-        return [(reason, _fold_names(names)) for reason, names in by_reason.items()]
+            groups.setdefault(re.sub(r"'[^']*'", "'...'", r.reason), []).append(r)
+        out = []
+        for folded, rows in groups.items():
+            exact = {r.reason for r in rows}
+            out.append((exact.pop() if len(exact) == 1 else folded, _fold_names([r.name for r in rows])))
+        return out
 
     def __str__(self) -> str:
         header, rows = self._table_rows()
