@@ -80,7 +80,7 @@ def _inspect(args: argparse.Namespace) -> int:
         _write(Path(args.json), json.dumps(data, indent=2) + "\n")
         written.append(Path(args.json))
     if args.svg:
-        written.append(simfx.draw(sim, args.svg, full=args.full, example_inputs=example))
+        written.append(simfx.draw(sim, args.svg, full=args.full, engine=args.engine, example_inputs=example))
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--svg", metavar="FILE", help="draw the rewritten graph (.svg, or .png/.dot)")
     inspect.add_argument("--json", metavar="FILE", help="write the report and the graph diff as JSON")
     inspect.add_argument("--full", action="store_true", help="draw every graph node instead of one box per block")
+    inspect.add_argument("--engine", choices=("auto", "dot", "matplotlib"), default="auto",
+                         help="drawing engine: graphviz dot if installed (auto), or the built-in layout")
     inspect.add_argument("--markdown", action="store_true", help="print the report as Markdown")
     inspect.set_defaults(run=_inspect)
 
