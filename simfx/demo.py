@@ -168,13 +168,11 @@ def _tail_mean(values: list[float], n: int | None = None) -> float:
 
 
 def _plot(baseline: ArmHistory, with_sim: ArmHistory, path: Path, beta: float, image_size: int) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend needed
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3)
     colours = {"baseline": "#7a7a7a", "sim": "#c76b12"}
     labels = {"baseline": "baseline (SIM loss: probe only)", "sim": f"with SIM (beta={beta:g})"}
     for arm in (baseline, with_sim):
@@ -192,7 +190,6 @@ def _plot(baseline: ArmHistory, with_sim: ArmHistory, path: Path, beta: float, i
     fig.suptitle(f"simfx demo: torchvision ResNet-18 on scikit-learn digits ({image_size}x{image_size}), CPU",
                  fontsize=11)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -380,10 +380,9 @@ def _slots(view: nx.DiGraph, rank: dict[str, int]) -> dict[str, int]:
 
 
 def _draw_matplotlib(view: nx.DiGraph, path: Path, title: str, full: bool) -> None:
+    # A bare Figure, not pyplot: no GUI backend, and the caller's backend stays as it was.
     import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
     from matplotlib.path import Path as MPath
 
@@ -413,8 +412,8 @@ def _draw_matplotlib(view: nx.DiGraph, path: Path, title: str, full: bool) -> No
         y = geo.top + (rank[n] % rows) * geo.row + geo.row / 2
         return x, y
 
-    with plt.rc_context({"svg.fonttype": "none", "font.family": "DejaVu Sans"}):
-        fig = plt.figure(figsize=(width, height))
+    with matplotlib.rc_context({"svg.fonttype": "none", "font.family": "DejaVu Sans"}):
+        fig = Figure(figsize=(width, height))
         ax = fig.add_axes([0, 0, 1, 1])
         ax.set_xlim(0, width)
         ax.set_ylim(height, 0)
@@ -502,7 +501,6 @@ def _draw_matplotlib(view: nx.DiGraph, path: Path, title: str, full: bool) -> No
                   bottom_y=bottom_y + 0.12)
 
         fig.savefig(path, format=path.suffix[1:], dpi=150 if path.suffix == ".png" else None)
-        plt.close(fig)
 
 
 def _loss_bus(ax, view, centre, column_of, arrow, geo, half_w, half_h, *, bus_x, bottom_y) -> None:
