@@ -5,13 +5,17 @@
 >>> sim = simfx.transform(model, example_inputs=torch.randn(2, 3, 64, 64))
 >>> out, sim_loss = sim(torch.randn(4, 3, 64, 64))     # training: (output, sim_loss)
 >>> plain = simfx.strip(sim)                             # same parameters, plain forward
+>>> report = simfx.explain(sim)                          # print(report): blocks, sizes, FLOPs
 """
 
 from . import metrics
 from .api import BoundaryRow, BoundaryTable, find_boundaries, transform
 from .boundaries import Boundary
+from .draw import draw
 from .errors import ExampleInputsError, NoEligibleBlockError, SelectorError, SimfxError, TraceError
+from .explain import Report, explain
 from .graph_module import DualGraphModule, SimGraphModule
+from .graphs import GraphDiff, graph_diff, to_networkx
 from .objectives import objective_names, register_objective
 from .options import SimOptions
 from .rewrite import original_state_dict, strip
@@ -27,6 +31,12 @@ __all__ = [
     "find_boundaries",
     "strip",
     "original_state_dict",
+    "explain",
+    "Report",
+    "to_networkx",
+    "graph_diff",
+    "GraphDiff",
+    "draw",
     "register_leaf_module",
     "register_autowrap_function",
     "register_objective",
