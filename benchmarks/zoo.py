@@ -122,7 +122,8 @@ def timm_families() -> dict[str, str]:
     chosen: dict[str, str] = {}
     for family in timm.list_modules():
         best = None
-        for name in timm.list_models(module=family):
+        # timm's test_* models are toy configurations, not a family's real variants.
+        for name in (n for n in timm.list_models(module=family) if not n.startswith("test_")):
             try:
                 with torch.device("meta"):
                     count = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
