@@ -12,7 +12,8 @@ hang costs one row, not the run.
     python benchmarks/zoo.py --zoo timm                   # one (smallest) model per timm family
     python benchmarks/zoo.py --zoo timm --models 'conv*' --compile aot_eager
 
-Results go to ``benchmarks/results/zoo-<zoo>.json`` and ``.md``.
+Results go to ``benchmarks/results/zoo-<zoo>.json`` and ``.md`` (``zoo-<zoo>-subset.*`` when
+``--models`` filters the zoo).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ZooResult:
     zoo: str
     input_shape: list[int] | None = None
     params: int | None = None
+    plain_fx: bool | None = None
     traced: bool = False
     candidates: int | None = None
     boundaries: int | None = None
@@ -192,6 +194,51 @@ def _task_loss(output: Any) -> torch.Tensor:
     return sum(t.float().square().mean() for t in _tensors(output) if t.is_floating_point())
 
 
+def plain_fx_traces(model: torch.nn.Module) -> bool:
+    """Whether plain ``torch.fx`` traces the model with the library's own leaf registrations.
+
+    This is the yardstick of the zoo targets: what fx alone manages (with timm's
+    notrace marks when timm is imported), before simfx's opaque retries or export.
+    """
+    leaf_classes: tuple[type, ...] = ()
+    autowrap: tuple[Callable, ...] = ()
+    timm_fx = sys.modules.get("timm.layers._fx")
+    if timm_fx is not None:
+        leaf_classes = tuple(timm_fx.get_notrace_modules())
+        autowrap = tuple(timm_fx.get_notrace_functions())
+
+    class _LibraryTracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, qualified_name):
+            return isinstance(module, leaf_classes) or super().is_leaf_module(module, qualified_name)
+
+    try:
+        _LibraryTracer(autowrap_functions=autowrap).trace(copy.deepcopy(model).train())
+        return True
+    except Exception:  # noqa: BLE001 - any trace failure means "not plain-fx traceable"
+        return False
+
+
+def outputs_identical(expected: Any, got: Any) -> bool:
+    """Bit-equality of every output tensor, NaNs at the same places counting as equal.
+
+    A random-init model can overflow after one training step; both the original
+    and the transformed model then hold the same NaNs, which ``torch.equal`` rejects.
+    """
+    left, right = _tensors(expected), _tensors(got)
+    if len(left) != len(right):
+        return False
+    for a, b in zip(left, right):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.is_floating_point():
+            nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+            if not torch.equal(nan_a, nan_b) or not torch.equal(a[~nan_a], b[~nan_b]):
+                return False
+        elif not torch.equal(a, b):
+            return False
+    return True
+
+
 def smallest_input(model: torch.nn.Module, shapes, batch: int = 2) -> tuple[int, ...]:
     """The first shape (with batch) a training-mode forward of a copy of ``model`` accepts."""
     probe = copy.deepcopy(model).train()
@@ -217,6 +264,7 @@ def check_model(spec: ModelSpec, compile_backend: str | None = None, batch: int 
         torch.manual_seed(0)
         model = spec.build()
         result.params = sum(p.numel() for p in model.parameters())
+        result.plain_fx = plain_fx_traces(model)
         stage = "input"
         shape = smallest_input(model, spec.shapes, batch)
         result.input_shape = list(shape)
@@ -254,10 +302,7 @@ def check_model(spec: ModelSpec, compile_backend: str | None = None, batch: int 
             expected = model(x)
             got, zero = sim(x)
         pairs = list(zip(_tensors(expected), _tensors(got)))
-        result.eval_equal = (
-            len(_tensors(expected)) == len(_tensors(got)) and all(torch.equal(a, b) for a, b in pairs)
-            and float(zero) == 0.0
-        )
+        result.eval_equal = outputs_identical(expected, got) and float(zero) == 0.0
         if not result.eval_equal:
             diff = max((float((a.float() - b.float()).abs().max()) for a, b in pairs if a.shape == b.shape), default=-1)
             raise RuntimeError(f"eval output differs from the original model (max abs diff {diff:.3g})")
@@ -304,14 +349,14 @@ def _mark(value) -> str:
 
 
 def to_markdown(results: list[ZooResult], compile_backend: str | None) -> str:
-    header = ["model", "input", "traced", "auto blocks", "opaque", "added params %", "step", "eval bit-equal"]
+    header = ["model", "input", "plain fx", "traced", "auto blocks", "opaque", "added params %", "step", "eval bit-equal"]
     if compile_backend:
         header.append(f"compile ({compile_backend})")
     header += ["s", "first error"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         row = [
-            r.model, "x".join(map(str, r.input_shape or [])) or "-", _mark(r.traced), _mark(r.boundaries),
+            r.model, "x".join(map(str, r.input_shape or [])) or "-", _mark(r.plain_fx), _mark(r.traced), _mark(r.boundaries),
             _mark(r.opaque), _mark(r.added_params_pct), _mark(r.step_ok), _mark(r.eval_equal),
         ]
         if compile_backend:
@@ -325,6 +370,12 @@ def summary(results: list[ZooResult], compile_backend: str | None) -> str:
     n = len(results)
     full = sum(r.traced and r.step_ok and r.eval_equal for r in results)
     text = f"{full}/{n} models transform, train a step and evaluate bit-equal ({100.0 * full / max(n, 1):.1f}%)"
+    plain = [r for r in results if r.plain_fx]
+    plain_full = sum(r.traced and r.step_ok and r.eval_equal for r in plain)
+    text += (
+        f"; of the {len(plain)} that plain torch.fx traces, {plain_full} "
+        f"({100.0 * plain_full / max(len(plain), 1):.1f}%)"
+    )
     if compile_backend:
         compiled = sum(bool(r.compile_ok) for r in results)
         text += f"; {compiled}/{n} compile with fullgraph=True ({compile_backend})"
@@ -363,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         if result.error:
             tqdm.write(f"{spec.name}: {result.stage}: {result.error}")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"zoo-{args.zoo}"
+    # A filtered run (re-checking a few models) must not overwrite the full zoo's table.
+    stem = args.out / (f"zoo-{args.zoo}" if args.models == "*" else f"zoo-{args.zoo}-subset")
     meta = {
         "command": "python benchmarks/zoo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

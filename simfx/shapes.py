@@ -89,6 +89,23 @@ class _ShapeRecorder(Interpreter):
             self.metas[node.name] = meta
         return result
 
+    def fetch_args_kwargs_from_env(self, node: fx.Node) -> tuple[tuple, dict]:
+        # fx stores list/dict arguments as immutable containers; generated code builds
+        # fresh literals on every call, so library functions may mutate them (torchvision's
+        # Swin3d window-size helper does). Hand them mutable copies, as generated code does.
+        args, kwargs = super().fetch_args_kwargs_from_env(node)
+        return _mutable(args), _mutable(kwargs)
+
+
+def _mutable(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    return value
+
 
 class _Runner(nn.Module):
     """Holds the root so functional_call can swap every parameter and buffer under it."""
