@@ -205,3 +205,33 @@ def test_already_transformed_and_bad_arguments(tiny_resnet):
         simfx.strip(tiny_resnet)
     with pytest.raises(ValueError, match=r"channel_dim=5 for the input of block 'blocks.0'"):
         simfx.transform(tiny_resnet, x, channel_dim=5)
+
+
+@fx.wrap
+def _window_fitting(window: list, size: list) -> list:
+    # Mutates its list argument, as torchvision's Swin3d window helper does.
+    for i in range(len(window)):
+        if size[i] <= window[i]:
+            window[i] = size[i]
+    return window
+
+
+class _WindowedResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        window = _window_fitting([8, 8], [x.shape[2], x.shape[3]])
+        pooled = nn.functional.avg_pool2d(x, kernel_size=(window[0], window[1]), stride=1, padding=0)
+        return self.conv(x) + x + pooled.mean()
+
+
+def test_wrapped_function_mutating_its_list_argument_transforms():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _WindowedResidual(), nn.Conv2d(4, 2, 1))
+    x = torch.randn(2, 3, 5, 5)
+    sim = simfx.transform(model, x)
+    assert "1" in [b.name for b in sim.simfx_info.plan.blocks]
+    sim.eval()
+    model.eval()
+    assert torch.equal(sim(x)[0], model(x))
