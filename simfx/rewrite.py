@@ -22,7 +22,7 @@ from torch import nn
 
 from .boundaries import Boundary
 from .graph_module import DualGraphModule, SimGraphModule
-from .objectives import BoundaryObjective, aggregate_losses, build_objective
+from .objectives import BoundaryObjective, aggregate_losses, build_objective, get_objective
 from .select import Plan, PlannedBlock
 from .shapes import TensorMeta
 from .trace import TracedModel, _copy_graph
@@ -117,6 +117,12 @@ def rewrite(
 
 def _build_head(block: PlannedBlock, device: torch.device | None) -> BoundaryObjective:
     b, options = block.boundary, block.options
+    if options.token_sampling == "topk_mean" and not get_objective(options.objective).uses_input:
+        raise ValueError(
+            f"block '{b.name}': token_sampling='topk_mean' ranks tokens by the block's input, which objective "
+            f"{options.objective!r} does not read (uses_input=False); use token_sampling='shared' or "
+            f"'per_sample' for this block (overrides={{{b.name!r}: {{'token_sampling': 'shared'}}}})."
+        )
     in_cd, out_cd = _channel_dims(b, options.channel_dims())
     module = build_objective(
         options,
@@ -222,9 +228,26 @@ def _without_sim(graph: fx.Graph) -> fx.Graph:
 def original_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The original model's entries of a transformed module's ``state_dict`` (reconstructors dropped).
 
+    Wrapper prefixes are removed first: ``_orig_mod.`` (a ``torch.compile``-d
+    module's ``state_dict``) and ``module.`` (DDP's), in any nesting, when every
+    key carries them, so a checkpoint of ``DDP(torch.compile(sim))`` loads into
+    the plain original model with ``strict=True``.
+
     >>> sd = {"conv.weight": 1, "simfx.layer1_0.objective.predictor.weight": 2}
     >>> original_state_dict(sd)
     {'conv.weight': 1}
+    >>> original_state_dict({"module._orig_mod.conv.weight": 1, "module._orig_mod.simfx.a.weight": 2})
+    {'conv.weight': 1}
     """
+    state_dict = dict(state_dict)
+    while state_dict:
+        wrapper = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if wrapper is None:
+            break
+        state_dict = {k[len(wrapper):]: v for k, v in state_dict.items()}
     prefix = f"{NAMESPACE}."
     return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+
+
+# Prefixes torch.compile (OptimizedModule) and DistributedDataParallel put before every key.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
