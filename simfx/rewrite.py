@@ -3,7 +3,8 @@
 For each planned block one ``call_module`` node ``simfx.<key>(x, y)`` is inserted
 right after the block's output ``y`` (so the sampled tokens are taken while ``y``
 is fresh, before any later in-place op). One ``aggregate_losses`` node before the
-output combines them, and the output becomes ``(output, sim_loss)`` — or
+output combines them (:func:`simfx.monitor.aggregate_losses`: it also warns, in
+eager mode, about blocks whose loss was not finite and was skipped), and the output becomes ``(output, sim_loss)`` — or
 ``(output, sim_loss, {name: loss})`` with ``per_block=True``. The eval graph
 stays the original computation and returns a zero loss.
 
@@ -22,7 +23,8 @@ from torch import nn
 
 from .boundaries import Boundary
 from .graph_module import DualGraphModule, SimGraphModule
-from .objectives import BoundaryObjective, aggregate_losses, build_objective, get_objective
+from . import monitor
+from .objectives import BoundaryObjective, build_objective, get_objective
 from .select import Plan, PlannedBlock
 from .shapes import TensorMeta
 from .trace import TracedModel, _copy_graph
@@ -84,7 +86,9 @@ def rewrite(
     output = _output_node(train_graph)
     result = output.args[0]
     with train_graph.inserting_before(output):
-        total = train_graph.call_function(aggregate_losses, (tuple(losses), tuple(weights)))
+        # The monitor's aggregate: same maths, plus (eager only) a warning naming skipped blocks.
+        names = tuple(b.name for b in plan.blocks)
+        total = train_graph.call_function(monitor.aggregate_losses, (tuple(losses), tuple(weights), names))
     total.meta[INSERTED] = True
     per_block_losses = {b.name: n for b, n in zip(plan.blocks, losses)}
     output.args = ((result, total, per_block_losses) if per_block else (result, total),)

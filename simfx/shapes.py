@@ -127,6 +127,11 @@ def _fake_run(graph, root, example_inputs):
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     with mode:
         inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        device = _single_device(root)
+        if device is not None:
+            # Examples may sit elsewhere than the model (on 'meta', or on the CPU for a
+            # GPU model): only their shapes matter, so run them where the weights are.
+            inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs]
         state = {
             **{k: mode.from_tensor(v, static_shapes=True) for k, v in runner.named_parameters()},
             **{k: mode.from_tensor(v, static_shapes=True) for k, v in runner.named_buffers()},
@@ -135,6 +140,12 @@ def _fake_run(graph, root, example_inputs):
         # dict; fake mode must still be able to read them.
         mode.allow_non_fake_inputs = True
         return torch.func.functional_call(runner, state, tuple(inputs))
+
+
+def _single_device(root: nn.Module) -> torch.device | None:
+    """The device of every parameter and buffer of ``root``, or None if they have none or several."""
+    devices = {t.device for t in (*root.parameters(), *root.buffers())}
+    return devices.pop() if len(devices) == 1 else None
 
 
 def _real_run(graph, root, example_inputs):

@@ -120,3 +120,11 @@ def test_example_inputs_error_names_the_node_that_failed():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(simfx.ExampleInputsError, match=r"at node '_0' \(call_module 0\).*shapes cannot be multiplied"):
         simfx.transform(model, torch.randn(2, 5))
+
+
+def test_example_inputs_on_another_device_than_the_model():
+    # Was: the fake shape pass mixed 'meta' example tensors with CPU weights and
+    # failed ("Tensor on device cpu is not on the expected device meta").
+    model = TinyResNet()
+    sim = simfx.transform(model, torch.randn(2, 3, 8, 8, device="meta"))
+    assert [b.boundary.out_shape for b in sim.sim_blocks] == [(2, 8, 8, 8), (2, 16, 4, 4), (2, 16, 4, 4)]
