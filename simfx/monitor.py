@@ -10,13 +10,13 @@ in eager mode the aggregate node of a transformed module calls
 How the check stays cheap:
 
 * CPU tensors are checked at once (reading a CPU flag costs nothing);
-* CUDA (or other accelerator) flags are copied ``non_blocking`` to pinned host
-  memory behind an event; a later call reports them once the event has
-  completed, so no step waits for the device (the warning arrives a step or
-  two late);
-* under ``torch.compile``, ``torch.export`` or fx tracing nothing is checked
-  and the function is exactly the plain aggregate: compiled graphs and CUDA
-  graphs stay free of host syncs and side effects.
+* CUDA flags are copied ``non_blocking`` to pinned host memory behind an
+  event; a later call reports them once the event has completed, so no step
+  waits for the device (the warning arrives a step or two late); other
+  accelerators, without CUDA events, are read back at once;
+* under ``torch.compile``, ``torch.export``, fx tracing or a CUDA graph
+  capture nothing is checked and the function is exactly the plain aggregate:
+  compiled graphs and CUDA graphs stay free of host syncs and side effects.
 
 Python's warning filters apply: by default each call site warns once per
 process; ``warnings.simplefilter("always", simfx.NonFiniteLossWarning)``
@@ -81,6 +81,8 @@ def _eager(losses: Sequence[Tensor]) -> bool:
     first = losses[0] if losses else None
     if not isinstance(first, Tensor) or isinstance(first, torch.fx.Proxy):
         return False
+    if first.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False  # a CUDA graph being captured by hand: no host copies or events in it
     # Fake and functional tensors (export, AOT tracing) have no values to read.
     from torch._subclasses.fake_tensor import FakeTensor
 
@@ -89,16 +91,13 @@ def _eager(losses: Sequence[Tensor]) -> bool:
 
 def _check(finite: Tensor, names: tuple[str, ...]) -> None:
     _drain_completed()
-    if finite.device.type == "cpu":
-        _report(finite, names)
+    if finite.device.type != "cuda":
+        _report(finite.cpu(), names)
         return
-    host = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=torch.cuda.is_available())
+    host = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
     host.copy_(finite, non_blocking=True)
-    event = torch.cuda.Event() if finite.device.type == "cuda" else None
-    if event is None:  # an accelerator without CUDA events: the copy above was synchronous
-        _report(host, names)
-        return
-    event.record()
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(finite.device))  # the copy's stream, on the loss's GPU
     _pending.append((host, names, event))
     if len(_pending) > _MAX_PENDING:
         flags, old_names, old_event = _pending.popleft()
