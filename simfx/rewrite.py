@@ -3,10 +3,11 @@
 For each planned block one ``call_module`` node ``simfx.<key>(x, y)`` is inserted
 right after the block's output ``y`` (so the sampled tokens are taken while ``y``
 is fresh, before any later in-place op). One ``aggregate_losses`` node before the
-output combines them (:func:`simfx.monitor.aggregate_losses`: it also warns, in
-eager mode, about blocks whose loss was not finite and was skipped), and the output becomes ``(output, sim_loss)`` — or
-``(output, sim_loss, {name: loss})`` with ``per_block=True``. The eval graph
-stays the original computation and returns a zero loss.
+output combines them (:func:`simfx.monitor.aggregate_losses`, which in eager mode
+also warns about blocks whose loss was not finite and was skipped), and the
+output becomes ``(output, sim_loss)`` — or ``(output, sim_loss, {name: loss})``
+with ``per_block=True``. The eval graph stays the original computation and
+returns a zero loss.
 
 Inserted nodes carry ``node.meta["simfx_inserted"] = True`` and the boundary
 name, which is how :func:`strip` and the inspection tools find them.
