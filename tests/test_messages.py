@@ -212,9 +212,9 @@ MESSAGES = {
     "draw.py:draw:RuntimeError#1": (_dot_missing, r"engine='dot' needs graphviz's `dot` on PATH.*engine='auto' falls back"),
     "draw.py:_run_dot:RuntimeError#1": (_dot_fails, r"graphviz dot failed.*use engine='matplotlib'"),
     # explain.py, graphs.py, metrics.py
-    "explain.py:explain:TypeError#1": (lambda: simfx.explain(nn.Linear(2, 2)), r"Linear"),
+    "explain.py:explain:TypeError#1": (lambda: simfx.explain(nn.Linear(2, 2)), r"simfx\.explain expects the module simfx\.transform returned, got Linear; .*simfx\.find_boundaries"),
     "graphs.py:to_networkx:TypeError#1": (lambda: simfx.to_networkx(nn.Linear(2, 2)), r"to_networkx expects a torch\.fx\.GraphModule.*got Linear"),
-    "graphs.py:graph_diff:TypeError#1": (lambda: simfx.graph_diff(nn.Linear(2, 2)), r"Linear"),
+    "graphs.py:graph_diff:TypeError#1": (lambda: simfx.graph_diff(nn.Linear(2, 2)), r"graph_diff expects the module simfx\.transform returned, got Linear"),
     "metrics.py:weight_std:ValueError#1": (lambda: simfx.metrics.weight_std(nn.ReLU()), r"ReLU has no layer weight.*weight_std measures conv, linear and attention"),
     # export_trace.py, frontend.py
     "export_trace.py:_export:TraceError#1": (
@@ -257,10 +257,10 @@ MESSAGES = {
     "rewrite.py:_channel_dims:ValueError#1": (lambda: simfx.transform(TinyResNet(), X, channel_dim=0), r"channel_dim=0 for the input of block 'blocks\.0' \(shape \(2, 8, 8, 8\)\) must name a non-batch axis"),
     "rewrite.py:strip:TypeError#1": (lambda: simfx.strip(nn.Linear(2, 2)), r"simfx\.strip expects a module returned by simfx\.transform, got Linear"),
     # select.py
-    "select.py:select_blocks:SelectorError#1": (lambda: simfx.transform(TinyResNet(), X, blocks="layer*"), r"layer\*.*blocks\.0"),
+    "select.py:select_blocks:SelectorError#1": (lambda: simfx.transform(TinyResNet(), X, blocks="layer*"), r"blocks selector 'layer\*' matched no block\. Eligible block names: stem, .*blocks\.0.*simfx\.find_boundaries"),
     "select.py:select_blocks:SelectorError#2": (
         lambda: simfx.transform(InplaceRelu(), X, blocks="act"), r"blocks selector 'act' matched only blocks that cannot take SIM: 'act': modifies its input .* in place.*find_boundaries"),
-    "select.py:select_blocks:SelectorError#3": (lambda: simfx.transform(TinyResNet(), X, exclude="nothing"), r"nothing.*blocks\.0"),
+    "select.py:select_blocks:SelectorError#3": (lambda: simfx.transform(TinyResNet(), X, exclude="nothing"), r"exclude selector 'nothing' matched no block\. Eligible block names: .*blocks\.0"),
     "select.py:select_blocks:SelectorError#4": (
         lambda: simfx.transform(TinyResNet(), X, overrides={"stem": {"dim": 8}}), r"overrides selector 'stem' matched none of the selected blocks \(blocks\.0, blocks\.1, blocks\.2\)"),
     "select.py:select_blocks:NoEligibleBlockError#1": (
