@@ -14,6 +14,7 @@ from .boundaries import Boundary
 from .draw import draw
 from .errors import ExampleInputsError, NoEligibleBlockError, SelectorError, SimfxError, TraceError
 from .explain import Report, explain
+from .monitor import NonFiniteLossWarning
 from .graph_module import DualGraphModule, SimGraphModule
 from .graphs import GraphDiff, graph_diff, to_networkx
 from .objectives import objective_names, register_objective
@@ -55,4 +56,5 @@ __all__ = [
     "NoEligibleBlockError",
     "SelectorError",
     "ExampleInputsError",
+    "NonFiniteLossWarning",
 ]

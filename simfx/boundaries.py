@@ -572,7 +572,9 @@ def _input_channel_dim(region: _Region, in_meta: TensorMeta, facts: _GraphFacts)
         kind = _weight_layer_channel_dim(node, facts.root)
         if kind is None:
             continue
-        axis = 1 if kind == "first" else in_meta.rank - 1
+        axis = _entry_axis_of_layer(node, kind, region.entry, facts)
+        if axis is None:
+            axis = 1 if kind == "first" else in_meta.rank - 1
         width = _expected_width(node, facts)
         if width is None or in_meta.shape[axis] == width:
             return axis
@@ -580,6 +582,56 @@ def _input_channel_dim(region: _Region, in_meta: TensorMeta, facts: _GraphFacts)
     if in_meta.channel_dim is not None:
         return in_meta.channel_dim
     return default_channel_dim(in_meta.rank)
+
+
+def _entry_axis_of_layer(layer: fx.Node, kind: str, entry: fx.Node, facts: _GraphFacts) -> int | None:
+    """The entry's axis that reaches ``layer`` as its channel axis, through the layout ops between them.
+
+    A block that permutes its input before the first weight layer (Swin-style
+    NHWC <-> NCHW) has its channels where the permute takes them from, not where
+    the layer reads them. None when the path from the entry is not a chain of
+    permutes, transposes and same-shape ops.
+    """
+    inputs = [a for a in layer.args[:1] if isinstance(a, fx.Node)]
+    meta = facts.tensor_meta(inputs[0]) if inputs else None
+    if meta is None:
+        return None
+    node, axis = inputs[0], 1 if kind == "first" else meta.rank - 1
+    for _ in range(8):
+        if node is entry:
+            return axis
+        sources = [a for a in node.all_input_nodes if a in facts.activation]
+        before = facts.tensor_meta(sources[0]) if len(sources) == 1 else None
+        after = facts.tensor_meta(node)
+        if before is None or after is None:
+            return None
+        if op_name(node.target) in ("permute", "transpose", "swapaxes", "swapdims", "movedim"):
+            axis = _axis_before_layout_op(node, axis, before.rank)
+        elif before.shape != after.shape:
+            return None  # a reshape or a reduction: the axis is not traced further
+        if axis is None:
+            return None
+        node = sources[0]
+    return None
+
+
+def _axis_before_layout_op(node: fx.Node, axis: int, rank: int) -> int | None:
+    """The input axis a permute/transpose/movedim moves to output ``axis`` (None if its dims are not ints)."""
+    name, rest = op_name(node.target), node.args[1:]
+    if name == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        dims = node.kwargs.get("dims", dims)
+        if len(dims) != rank or not all(isinstance(d, int) for d in dims):
+            return None
+        return dims[axis] % rank
+    if len(rest) < 2 or not all(isinstance(d, int) for d in rest[:2]):
+        return None
+    a, b = (d % rank for d in rest[:2])
+    if name == "movedim":
+        order = list(range(rank))
+        order.insert(b, order.pop(a))
+        return order[axis]
+    return b if axis == a else a if axis == b else axis
 
 
 def _expected_width(node: fx.Node, facts: _GraphFacts) -> int | None:

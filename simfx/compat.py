@@ -90,7 +90,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .objectives import BoundaryObjective, aggregate_losses, build_objective, objective_names
+from .objectives import BoundaryObjective, aggregate_losses, build_objective, get_objective, objective_names
 from .options import LOSS_TYPES, TOKEN_SAMPLING, SimOptions
 from .shapes import _CHANNEL_FIRST_MODULES, _CHANNEL_LAST_MODULES
 
@@ -307,6 +307,11 @@ def _options(owner: str, sim_cfg: Mapping[str, Any] | None, settings: dict[str, 
         raise ValueError(
             f"{owner}: token_sampling_type={s['token_sampling_type']!r} is not one of "
             f"{list(TOKEN_SAMPLING_TYPES)} (or simfx's {list(TOKEN_SAMPLING)})."
+        )
+    if sampling == "topk_mean" and not get_objective(objective).uses_input:
+        raise ValueError(
+            f"{owner}: token_sampling_type={s['token_sampling_type']!r} ranks tokens by the block's input, "
+            f"which proj_type={s['proj_type']!r} does not read; use 'v0' (shared) or 'v1' (per_sample)."
         )
     if s["loss_type"] not in LOSS_TYPES:
         raise ValueError(f"{owner}: loss_type={s['loss_type']!r} is not one of {list(LOSS_TYPES)}.")

@@ -78,21 +78,28 @@ def export_model(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
         warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
         for training in (True, False):
             root.train(training)
-            exported.append(_export(root, args, model))
+            program, args = _export(root, args, model)
+            exported.append(program)
     root.training = model.training
     constants: list[str] = []
     graphs = [_rooted_graph(gm, root, model, mode, constants) for gm, mode in zip(exported, ("train", "eval"))]
     return TracedModel(root, graphs[0], graphs[1], {}, tuple(constants), tuple(args), "export")
 
 
-def _export(root: nn.Module, args: tuple, model: nn.Module) -> fx.GraphModule:
+def _export(root: nn.Module, args: tuple, model: nn.Module) -> tuple[fx.GraphModule, tuple]:
+    """The exported module and the example arguments it was captured with."""
     dynamic = _batch_dynamic_shapes(args)
+    # export specialises a size-1 axis to 1 (0/1 specialisation), so a batch-1
+    # example would give a graph that only runs at batch 1: capture a batch of two.
+    wide = _batch_of_two(args) if dynamic is not None else None
     try:
         try:
-            program = torch.export.export(root, args, dynamic_shapes=dynamic, strict=False)
+            captured = wide if wide is not None else args
+            program = torch.export.export(root, captured, dynamic_shapes=dynamic, strict=False)
         except Exception:  # noqa: BLE001 - a model that fixes its batch size exports statically
             if dynamic is None:
                 raise
+            captured = args
             program = torch.export.export(root, args, strict=False)
         program = program.run_decompositions({})
     except Exception as error:  # torch.export raises many types; all mean "cannot capture"
@@ -104,7 +111,15 @@ def _export(root: nn.Module, args: tuple, model: nn.Module) -> fx.GraphModule:
             f"tensor ops, or use frontend='fx' with leaf_modules=[...] for the untraceable submodules.",
             "", type(model), first,
         ) from error
-    return program.module()
+    return program.module(), captured
+
+
+def _batch_of_two(args: tuple) -> tuple | None:
+    """``args`` with each batched tensor repeated to batch 2, if the example has batch 1; else None."""
+    batched = [a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0]
+    if not batched or any(a.shape[0] != 1 for a in batched):
+        return None
+    return tuple(a.expand(2, *a.shape[1:]).clone() if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args)
 
 
 def _batch_dynamic_shapes(args: tuple):

@@ -3,9 +3,11 @@
 For each planned block one ``call_module`` node ``simfx.<key>(x, y)`` is inserted
 right after the block's output ``y`` (so the sampled tokens are taken while ``y``
 is fresh, before any later in-place op). One ``aggregate_losses`` node before the
-output combines them, and the output becomes ``(output, sim_loss)`` — or
-``(output, sim_loss, {name: loss})`` with ``per_block=True``. The eval graph
-stays the original computation and returns a zero loss.
+output combines them (:func:`simfx.monitor.aggregate_losses`, which in eager mode
+also warns about blocks whose loss was not finite and was skipped), and the
+output becomes ``(output, sim_loss)`` — or ``(output, sim_loss, {name: loss})``
+with ``per_block=True``. The eval graph stays the original computation and
+returns a zero loss.
 
 Inserted nodes carry ``node.meta["simfx_inserted"] = True`` and the boundary
 name, which is how :func:`strip` and the inspection tools find them.
@@ -22,7 +24,8 @@ from torch import nn
 
 from .boundaries import Boundary
 from .graph_module import DualGraphModule, SimGraphModule
-from .objectives import BoundaryObjective, aggregate_losses, build_objective
+from . import monitor
+from .objectives import BoundaryObjective, build_objective, get_objective
 from .select import Plan, PlannedBlock
 from .shapes import TensorMeta
 from .trace import TracedModel, _copy_graph
@@ -84,7 +87,9 @@ def rewrite(
     output = _output_node(train_graph)
     result = output.args[0]
     with train_graph.inserting_before(output):
-        total = train_graph.call_function(aggregate_losses, (tuple(losses), tuple(weights)))
+        # The monitor's aggregate: same maths, plus (eager only) a warning naming skipped blocks.
+        names = tuple(b.name for b in plan.blocks)
+        total = train_graph.call_function(monitor.aggregate_losses, (tuple(losses), tuple(weights), names))
     total.meta[INSERTED] = True
     per_block_losses = {b.name: n for b, n in zip(plan.blocks, losses)}
     output.args = ((result, total, per_block_losses) if per_block else (result, total),)
@@ -117,6 +122,12 @@ def rewrite(
 
 def _build_head(block: PlannedBlock, device: torch.device | None) -> BoundaryObjective:
     b, options = block.boundary, block.options
+    if options.token_sampling == "topk_mean" and not get_objective(options.objective).uses_input:
+        raise ValueError(
+            f"block '{b.name}': token_sampling='topk_mean' ranks tokens by the block's input, which objective "
+            f"{options.objective!r} does not read (uses_input=False); use token_sampling='shared' or "
+            f"'per_sample' for this block (overrides={{{b.name!r}: {{'token_sampling': 'shared'}}}})."
+        )
     in_cd, out_cd = _channel_dims(b, options.channel_dims())
     module = build_objective(
         options,
@@ -222,9 +233,26 @@ def _without_sim(graph: fx.Graph) -> fx.Graph:
 def original_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The original model's entries of a transformed module's ``state_dict`` (reconstructors dropped).
 
+    Wrapper prefixes are removed first: ``_orig_mod.`` (a ``torch.compile``-d
+    module's ``state_dict``) and ``module.`` (DDP's), in any nesting, when every
+    key carries them, so a checkpoint of ``DDP(torch.compile(sim))`` loads into
+    the plain original model with ``strict=True``.
+
     >>> sd = {"conv.weight": 1, "simfx.layer1_0.objective.predictor.weight": 2}
     >>> original_state_dict(sd)
     {'conv.weight': 1}
+    >>> original_state_dict({"module._orig_mod.conv.weight": 1, "module._orig_mod.simfx.a.weight": 2})
+    {'conv.weight': 1}
     """
+    state_dict = dict(state_dict)
+    while state_dict:
+        wrapper = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if wrapper is None:
+            break
+        state_dict = {k[len(wrapper):]: v for k, v in state_dict.items()}
     prefix = f"{NAMESPACE}."
     return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+
+
+# Prefixes torch.compile (OptimizedModule) and DistributedDataParallel put before every key.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")

@@ -64,17 +64,28 @@ def propagate_shapes(
         log.info("fake-tensor shape pass failed (%s); using one real run on a copy", error)
     try:
         return _real_run(graph, root, example_inputs)
-    except Exception as error:  # the example does not fit the model: say so plainly
+    except Exception as failure:  # the example does not fit the model: say so plainly
+        error, where = (failure.error, f" at {failure.where}") if isinstance(failure, _NodeFailed) else (failure, "")
         described = ", ".join(
             f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
             for t in example_inputs
         )
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ExampleInputsError(
-            f"{type(root).__name__} cannot run on the example inputs ({described}): {first}\n"
+            f"{type(root).__name__} cannot run on the example inputs ({described}){where}: {first}\n"
             f"Pass example_inputs shaped like a training batch, with the dtype and on the device of the "
             f"model's parameters."
         ) from error
+
+
+class _NodeFailed(Exception):
+    """A node raised while the shapes ran; carries which one, so the error can name it."""
+
+    def __init__(self, node: fx.Node, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+        self.where = f"node '{node.name}' ({node.op} {target})"
 
 
 class _ShapeRecorder(Interpreter):
@@ -83,7 +94,12 @@ class _ShapeRecorder(Interpreter):
         self.metas: dict[str, TensorMeta | tuple] = {}
 
     def run_node(self, node: fx.Node) -> Any:
-        result = super().run_node(node)
+        try:
+            result = super().run_node(node)
+        except _NodeFailed:
+            raise
+        except Exception as error:
+            raise _NodeFailed(node, error) from error
         meta = _describe(result, node, self.metas, self.module)
         if meta is not None:
             self.metas[node.name] = meta
@@ -128,6 +144,11 @@ def _fake_run(graph, root, example_inputs):
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     with mode:
         inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        device = _single_device(root)
+        if device is not None:
+            # Examples may sit elsewhere than the model (on 'meta', or on the CPU for a
+            # GPU model): only their shapes matter, so run them where the weights are.
+            inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs]
         state = {
             **{k: mode.from_tensor(v, static_shapes=True) for k, v in runner.named_parameters()},
             **{k: mode.from_tensor(v, static_shapes=True) for k, v in runner.named_buffers()},
@@ -136,6 +157,12 @@ def _fake_run(graph, root, example_inputs):
         # dict; fake mode must still be able to read them.
         mode.allow_non_fake_inputs = True
         return torch.func.functional_call(runner, state, tuple(inputs))
+
+
+def _single_device(root: nn.Module) -> torch.device | None:
+    """The device of every parameter and buffer of ``root``, or None if they have none or several."""
+    devices = {t.device for t in (*root.parameters(), *root.buffers())}
+    return devices.pop() if len(devices) == 1 else None
 
 
 def _real_run(graph, root, example_inputs):

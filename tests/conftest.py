@@ -6,10 +6,21 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from torch import nn
 
 # Two cores on CI: keep torch from oversubscribing them across pytest workers.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Property tests (tests/test_properties.py): "ci" is small and derandomized (the same
+# examples every run); HYPOTHESIS_PROFILE=full draws 250 fresh architectures.
+settings.register_profile(
+    "ci", max_examples=14, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "full", max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,128 @@
+"""Say which blocks' SIM losses were skipped for being non-finite, without stalling the device.
+
+``sim_loss`` leaves out block losses that are NaN or infinite with tensor ops
+(:func:`simfx.objectives.aggregate_losses`), so one overflowing block does not
+poison training. Silently, though, that would hide a broken block for weeks:
+in eager mode the aggregate node of a transformed module calls
+:func:`aggregate_losses` here, which also warns with
+:class:`NonFiniteLossWarning` naming the blocks that were skipped.
+
+How the check stays cheap:
+
+* CPU tensors are checked at once (reading a CPU flag costs nothing);
+* CUDA flags are copied ``non_blocking`` to pinned host memory behind an
+  event; a later call reports them once the event has completed, so no step
+  waits for the device (the warning arrives a step or two late); other
+  accelerators, without CUDA events, are read back at once;
+* under ``torch.compile``, ``torch.export``, fx tracing or a CUDA graph
+  capture nothing is checked and the function is exactly the plain aggregate:
+  compiled graphs and CUDA graphs stay free of host syncs and side effects.
+
+Python's warning filters apply: by default each call site warns once per
+process; ``warnings.simplefilter("always", simfx.NonFiniteLossWarning)``
+reports every step, ``"error"`` stops training at the first one.
+"""
+
+from __future__ import annotations
+
+import collections
+import warnings
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import objectives
+
+__all__ = ["NonFiniteLossWarning", "aggregate_losses", "flush"]
+
+# Deferred device checks still waiting for their event; beyond this many the
+# oldest is waited for, so a device far behind the host cannot grow the queue.
+_MAX_PENDING = 16
+_pending: collections.deque = collections.deque()
+
+
+class NonFiniteLossWarning(UserWarning):
+    """Some blocks' SIM losses were NaN or infinite and were left out of ``sim_loss``.
+
+    ``blocks`` holds their names.
+    """
+
+    def __init__(self, message: str, blocks: Sequence[str] = ()):
+        super().__init__(message)
+        self.blocks = tuple(blocks)
+
+
+def aggregate_losses(losses: Sequence[Tensor], weights: Sequence[float], names: Sequence[str] = ()) -> Tensor:
+    """:func:`simfx.objectives.aggregate_losses`, warning (eager mode only) about skipped blocks.
+
+    ``names`` are the blocks' names, in the order of ``losses``.
+    """
+    total = objectives.aggregate_losses(losses, weights)
+    if names and _eager(losses):
+        _check(torch.stack([torch.isfinite(loss) for loss in losses]), tuple(names))
+    return total
+
+
+def flush() -> None:
+    """Wait for and report every deferred device check (for tests, or at the end of training)."""
+    while _pending:
+        flags, names, event = _pending.popleft()
+        event.synchronize()
+        _report(flags, names)
+
+
+def _eager(losses: Sequence[Tensor]) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    if is_exporting is not None and is_exporting():
+        return False
+    first = losses[0] if losses else None
+    if not isinstance(first, Tensor) or isinstance(first, torch.fx.Proxy):
+        return False
+    if first.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False  # a CUDA graph being captured by hand: no host copies or events in it
+    # Fake and functional tensors (export, AOT tracing) have no values to read.
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return not isinstance(first, FakeTensor) and not torch._is_functional_tensor(first)
+
+
+def _check(finite: Tensor, names: tuple[str, ...]) -> None:
+    _drain_completed()
+    if finite.device.type != "cuda":
+        _report(finite.cpu(), names)
+        return
+    host = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
+    host.copy_(finite, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(finite.device))  # the copy's stream, on the loss's GPU
+    _pending.append((host, names, event))
+    if len(_pending) > _MAX_PENDING:
+        flags, old_names, old_event = _pending.popleft()
+        old_event.synchronize()
+        _report(flags, old_names)
+
+
+def _drain_completed() -> None:
+    while _pending and _pending[0][2].query():
+        flags, names, _ = _pending.popleft()
+        _report(flags, names)
+
+
+def _report(finite: Tensor, names: tuple[str, ...]) -> None:
+    if bool(finite.all()):
+        return
+    skipped = [name for name, ok in zip(names, finite.tolist()) if not ok]
+    counted = len(names) - len(skipped)
+    warnings.warn(
+        NonFiniteLossWarning(
+            f"simfx: the SIM loss of block(s) {', '.join(repr(n) for n in skipped)} was NaN or infinite and "
+            f"was left out of sim_loss ({counted} of {len(names)} blocks counted). Its activations are not "
+            f"finite: look for an overflow in that block (float16: train with bf16 or a GradScaler), or leave "
+            f"it out with simfx.transform(..., exclude=[{skipped[0]!r}]).",
+            skipped,
+        ),
+        stacklevel=3,
+    )
