@@ -10,7 +10,7 @@ from torch import nn
 from simfx.objectives import _NormMSE, build_objective, norm_mse, norm_mse_reference
 from simfx.options import SimOptions
 from simfx.shapes import propagate_shapes
-from simfx.tokens import input_tokens_on_output_grid
+from simfx.tokens import input_tokens_on_output_grid, take_tokens, to_tokens
 from simfx.trace import ExampleInputs, trace_model
 
 
@@ -122,3 +122,24 @@ def test_fake_shape_pass_keeps_ties_shapes_and_leaves_real_tensors_alone():
     assert model.out.weight is model.embed.weight
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]) and not type(v).__name__.startswith("Fake"), k
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("channel_first", [True, False])
+def test_take_tokens_picks_the_same_values_and_gradients_in_either_layout(shared, channel_first):
+    torch.manual_seed(1)
+    if channel_first:
+        maps = torch.randn(3, 5, 4, 4, requires_grad=True)
+        tokens = to_tokens(maps, 1)  # a transposed view: tokens are the contiguous axis
+        assert tokens.stride(1) == 1
+    else:
+        maps = torch.randn(3, 16, 5, requires_grad=True)
+        tokens = to_tokens(maps, 2)
+    index = torch.randperm(16)[:6] if shared else torch.rand(3, 16).argsort(dim=1)[:, :6]
+    want = tokens[:, index] if shared else torch.stack([tokens[b, index[b]] for b in range(3)])
+    got = take_tokens(tokens, index)
+    assert torch.equal(got, want)
+    weights = torch.randn_like(want)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), maps)
+    (g_want,) = torch.autograd.grad((want * weights).sum(), maps)
+    assert torch.equal(g_got, g_want)
