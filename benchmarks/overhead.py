@@ -32,21 +32,20 @@ import copy
 import datetime
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-try:
-    from benchmarks.common import command_line, load_average, machine_info, median, write_results
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import command_line, load_average, machine_info, median, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # runinfo, however this file is loaded
+from runinfo import load_average, median, run_meta, write_results  # noqa: E402
 
 import simfx
 
@@ -449,11 +448,7 @@ def main(argv=None) -> dict:
                                      args.steps, args.compile_mode))
     targets = check_targets(results, args.device)
     meta = {
-        "command": command_line("overhead.py", argv),
-        "date": started.isoformat(timespec="seconds"),
-        "load_average_before": load_before,
-        "load_average_after": load_average(),
-        "machine": machine_info(),
+        **run_meta("overhead.py", argv, started, load_before),
         "steps": args.steps,
         "warmup": args.warmup,
         "dtype": f"{amp_dtype} autocast" if amp_dtype else "float32",

@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import sys
 import time
 from collections import defaultdict
 from contextlib import ExitStack
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -34,10 +36,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-try:
-    from benchmarks.common import command_line, load_average, machine_info, median, write_results
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import command_line, load_average, machine_info, median, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # runinfo, however this file is loaded
+from runinfo import load_average, median, run_meta, write_results  # noqa: E402
 
 import simfx
 import simfx.api
@@ -217,13 +217,7 @@ def main(argv=None) -> dict:
     rows = measure_transform(args.models, args.repeats)
     compile_row = None if args.no_compile else first_compile_seconds(args.compile_model, args.compile_size, 4)
     lin = linearity(rows)
-    meta = {
-        "command": command_line("transform_time.py", argv),
-        "date": started.isoformat(timespec="seconds"),
-        "load_average_before": load_before,
-        "load_average_after": load_average(),
-        "machine": machine_info(),
-    }
+    meta = run_meta("transform_time.py", argv, started, load_before)
     payload = {"meta": meta, "transform": rows, "linearity": lin, "first_compile": compile_row}
     text = markdown(rows, compile_row, lin, meta)
     folder = write_results(args.out, "transform_time", payload, text)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +35,19 @@ def assert_reconstructor_gradients(named_parameters) -> None:
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         if not name.endswith(ZERO_GRADIENT_BY_DESIGN):
             assert p.grad.abs().sum() > 0, name
+
+
+@contextlib.contextmanager
+def loaded_script(path: Path, name: str):
+    """Import a script that is not in a package (``benchmarks/*.py``) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 def requires_cuda():

@@ -6,7 +6,6 @@ No timing is asserted here: speed targets live in the benchmarks' own reports.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ import torch
 import torchvision
 
 import simfx
+from conftest import loaded_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,14 +61,8 @@ def test_transform_time_quick_run_times_every_stage(tmp_path):
 
 @pytest.fixture(scope="module")
 def overhead():
-    spec = importlib.util.spec_from_file_location("overhead_bench", ROOT / "benchmarks" / "overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script(ROOT / "benchmarks" / "overhead.py", "overhead_bench") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_hand_written_hooks_compute_the_same_loss_as_simfx(overhead):

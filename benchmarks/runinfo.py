@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import simfx
 
-__all__ = ["machine_info", "load_average", "median", "write_results", "command_line"]
+__all__ = ["machine_info", "load_average", "median", "write_results", "command_line", "run_meta"]
 
 
 def machine_info() -> dict:
@@ -64,6 +64,17 @@ def command_line(script: str, argv) -> str:
     """The command that reproduces this run, as typed."""
     args = argv if argv is not None else sys.argv[1:]
     return " ".join([f"python benchmarks/{script}", *args]).strip()
+
+
+def run_meta(script: str, argv, started, load_before) -> dict:
+    """The header every result file carries: command, start time, load average around the run, machine."""
+    return {
+        "command": command_line(script, argv),
+        "date": started.isoformat(timespec="seconds"),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "machine": machine_info(),
+    }
 
 
 def write_results(out: str | os.PathLike, stem: str, payload: dict, markdown: str) -> Path:
