@@ -21,7 +21,7 @@ step and the FLOPs of a step (forward + backward, ``FlopCounterMode``).
     python benchmarks/overhead.py --device cuda                     # GPU: 224x224, batch 128, bf16 autocast
     python benchmarks/overhead.py --quick                           # smoke run, seconds
 
-Writes ``overhead-<device>.json`` and ``overhead-<device>.md`` into ``--out``.
+Writes ``overhead-<device>.json`` and ``overhead-<device>.md`` (or ``--name``) into ``--out``.
 """
 
 from __future__ import annotations
@@ -428,6 +428,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: resnet18, eager, 32x32, batch 4, 2 steps")
     parser.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
+    parser.add_argument("--name", help="result file stem (default overhead-<device>)")
     return parser.parse_args(argv)
 
 
@@ -455,9 +456,10 @@ def main(argv=None) -> dict:
     }
     payload = {"meta": meta, "results": results, "targets": targets}
     text = markdown(results, targets, meta)
-    folder = write_results(args.out, f"overhead-{args.device}", payload, text)
+    stem = args.name or f"overhead-{args.device}"
+    folder = write_results(args.out, stem, payload, text)
     print(text)
-    print(f"wrote {folder}/overhead-{args.device}.{{json,md}}")
+    print(f"wrote {folder}/{stem}.{{json,md}}")
     return payload
 
 

@@ -143,3 +143,12 @@ def test_take_tokens_picks_the_same_values_and_gradients_in_either_layout(shared
     (g_got,) = torch.autograd.grad((got * weights).sum(), maps)
     (g_want,) = torch.autograd.grad((want * weights).sum(), maps)
     assert torch.equal(g_got, g_want)
+
+
+def test_under_torch_compile_norm_mse_is_the_plain_expression(monkeypatch):
+    # The compiler fuses and differentiates the expression itself; the Function is for eager.
+    prediction = torch.randn(2, 6, 5, requires_grad=True)
+    target = torch.randn(2, 6, 5)
+    assert "NormMSE" in type(norm_mse(prediction, target).grad_fn).__name__
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert "NormMSE" not in type(norm_mse(prediction, target).grad_fn).__name__
