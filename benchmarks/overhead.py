@@ -13,7 +13,9 @@ eager. A step is zero_grad, forward, loss, backward, SGD step. The variants are
 interleaved in one process (round robin, the order rotating every round), warmed
 up, and reported as medians; each ratio is the median over rounds of the paired
 per-round ratio against the baseline of the same mode, so a load change on a
-shared machine hits both sides of a ratio alike. Also reported: peak memory of a
+shared machine hits both sides of a ratio alike. On CPU the times are the
+process's CPU time per step (one torch thread by default): on a shared machine
+the wall time mostly measures waiting for a core; wall times are kept as well. Also reported: peak memory of a
 step and the FLOPs of a step (forward + backward, ``FlopCounterMode``).
 
     python benchmarks/overhead.py                                   # CPU: resnet18/50, vit_b_16, 64x64, batch 16
@@ -155,7 +157,8 @@ class Variant:
     module: nn.Module
     returns_loss: bool
     optimizer: torch.optim.Optimizer
-    times: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # on the clock the ratios use
+    wall_times: list[float] = field(default_factory=list)
     first_step_s: float | None = None
     peak_bytes: int | None = None
     flops: int | None = None
@@ -217,12 +220,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_step(v, x, labels, amp_dtype) -> float:
+def timed_step(v, x, labels, amp_dtype) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one step."""
     _sync(x.device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     run_step(v, x, labels, amp_dtype)
     _sync(x.device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 # --- memory and FLOPs ------------------------------------------------------------------
@@ -288,20 +292,22 @@ def step_flops(v: Variant, x, labels, amp_dtype) -> int:
 # --- the measurement --------------------------------------------------------------------
 
 
-def measure_model(name, device, image_size, batch, amp_dtype, modes, warmup, steps, compile_mode, log=print):
+def measure_model(name, device, image_size, batch, amp_dtype, modes, warmup, steps, compile_mode, clock="wall",
+                  log=print):
     torch.manual_seed(0)
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     labels = torch.randint(0, CLASSES, (batch,), device=device)
     variants = build_variants(name, x, modes, compile_mode=compile_mode)
     for v in variants:  # the first step compiles: time it on its own
-        v.first_step_s = timed_step(v, x, labels, amp_dtype)
+        v.first_step_s = timed_step(v, x, labels, amp_dtype)[0]
         log(f"  {name} {v.mode:8s} {v.name:8s} first step {v.first_step_s:.2f} s")
     for round_ in range(warmup + steps):
         shift = round_ % len(variants)
         for v in variants[shift:] + variants[:shift]:
-            seconds = timed_step(v, x, labels, amp_dtype)
+            wall, cpu = timed_step(v, x, labels, amp_dtype)
             if round_ >= warmup:
-                v.times.append(seconds)
+                v.times.append(cpu if clock == "cpu" else wall)
+                v.wall_times.append(wall)
     for v in variants:
         v.peak_bytes = peak_step_bytes(v, x, labels, amp_dtype)
         if v.mode == "eager":
@@ -309,9 +315,10 @@ def measure_model(name, device, image_size, batch, amp_dtype, modes, warmup, ste
     return summarise(name, image_size, batch, variants)
 
 
-def _paired(a: Variant, b: Variant) -> float:
+def _paired(a: Variant, b: Variant, wall: bool = False) -> float:
     """Median over rounds of a's step time over b's in the same round."""
-    return median([ta / tb for ta, tb in zip(a.times, b.times)])
+    pairs = zip(a.wall_times, b.wall_times) if wall else zip(a.times, b.times)
+    return median([ta / tb for ta, tb in pairs])
 
 
 def summarise(model, image_size, batch, variants) -> dict:
@@ -325,6 +332,8 @@ def summarise(model, image_size, batch, variants) -> dict:
             "p25_ms": round(1e3 * sorted(v.times)[len(v.times) // 4], 2),
             "p75_ms": round(1e3 * sorted(v.times)[(3 * len(v.times)) // 4], 2),
             "ratio": round(_paired(v, base), 3),
+            "wall_median_ms": round(1e3 * median(v.wall_times), 2),
+            "wall_ratio": round(_paired(v, base, wall=True), 3),
             "first_step_s": round(v.first_step_s, 2),
             "peak_mb": round(v.peak_bytes / 2**20, 1),
             "peak_ratio": round(v.peak_bytes / base.peak_bytes, 3) if base.peak_bytes else None,
@@ -386,7 +395,8 @@ def markdown(results, targets, meta) -> str:
         f"Date: {meta['date']}; {m.get('gpu') or m['cpu_model']}, {m['cpu_count']} cores ({m['machine']}), "
         f"{m['torch_threads']} torch threads, torch {m['torch']}; load average before/after "
         f"{meta['load_average_before']}/{meta['load_average_after']}; {meta['steps']} timed steps after "
-        f"{meta['warmup']} warm-up rounds, {meta['dtype']}.",
+        f"{meta['warmup']} warm-up rounds, {meta['dtype']}; times and ratios on the {meta['clock']} clock "
+        f"(wall-clock ratios in the JSON).",
         "",
         "| model | input | mode | variant | median ms (p25-p75) | ratio vs baseline | peak MB | peak ratio "
         "| GFLOPs/step | added FLOPs | first step s |",
@@ -429,6 +439,10 @@ def parse_args(argv=None):
                         help="smoke run: resnet18, eager, 32x32, batch 4, 2 steps")
     parser.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
     parser.add_argument("--name", help="result file stem (default overhead-<device>)")
+    # Process CPU time on CPU: on a shared machine a step's wall time mostly measures
+    # how long it waited for a core, CPU time the work it did (one thread).
+    parser.add_argument("--clock", choices=("cpu", "wall"), help="clock for times and ratios (default: cpu on "
+                        "CPU, wall on GPU); the JSON has wall times either way")
     return parser.parse_args(argv)
 
 
@@ -440,19 +454,21 @@ def main(argv=None) -> dict:
         args.models, args.modes, args.steps, args.warmup = ["resnet18"], ["eager"], 2, 1
         image_size, batch = 32, 4
     image_size, batch = args.image_size or image_size, args.batch or batch
+    clock = args.clock or ("cpu" if args.device == "cpu" else "wall")
     device = torch.device(args.device)
     started, load_before = datetime.datetime.now(datetime.timezone.utc), load_average()
     results = []
     for name in args.models:
         print(f"{name}: {batch}x3x{image_size}x{image_size} on {device}", flush=True)
         results.append(measure_model(name, device, image_size, batch, amp_dtype, args.modes, args.warmup,
-                                     args.steps, args.compile_mode))
+                                     args.steps, args.compile_mode, clock))
     targets = check_targets(results, args.device)
     meta = {
         **run_meta("overhead.py", argv, started, load_before),
         "steps": args.steps,
         "warmup": args.warmup,
         "dtype": f"{amp_dtype} autocast" if amp_dtype else "float32",
+        "clock": clock,
     }
     payload = {"meta": meta, "results": results, "targets": targets}
     text = markdown(results, targets, meta)
