@@ -357,34 +357,32 @@ def summarise(model, image_size, batch, variants) -> dict:
 # --- targets and report ------------------------------------------------------------------
 
 
+# The issue's targets: (device, model) -> (label, row (mode, variant) or "comparisons", key, limit, sense).
+TARGETS = {
+    ("cpu", "resnet18"): [
+        ("eager simfx step <= 1.25x eager baseline", ("eager", "simfx"), "ratio", 1.25, "max"),
+        ("compiled simfx step <= 1.20x compiled baseline", ("compiled", "simfx"), "ratio", 1.20, "max"),
+        ("eager simfx no slower than hooks", "comparisons", "simfx_eager_vs_hooks", 1.0, "max"),
+    ],
+    ("cuda", "resnet50"): [
+        ("compiled simfx step <= 1.20x compiled baseline", ("compiled", "simfx"), "ratio", 1.20, "max"),
+        ("compiled simfx peak memory <= 1.10x", ("compiled", "simfx"), "peak_ratio", 1.10, "max"),
+        ("compiled simfx >= 1.3x faster than eager hooks", "comparisons", "hooks_eager_vs_simfx_compiled", 1.3,
+         "min"),
+    ],
+}
+
+
 def check_targets(results: list[dict], device: str) -> list[dict]:
-    """The issue's targets that this run can judge: (target, measured, met)."""
+    """The targets this run can judge: target, measured value, met."""
     found = []
     for result in results:
         rows = {(r["mode"], r["variant"]): r for r in result["rows"]}
-        comp = result["comparisons"]
-        if device == "cpu" and result["model"] == "resnet18":
-            checks = [
-                ("eager simfx step <= 1.25x eager baseline", rows.get(("eager", "simfx")), "ratio", 1.25),
-                ("compiled simfx step <= 1.20x compiled baseline", rows.get(("compiled", "simfx")), "ratio", 1.20),
-            ]
-            if "simfx_eager_vs_hooks" in comp:
-                found.append({"target": "eager simfx no slower than hooks (ratio <= 1.0)",
-                              "measured": comp["simfx_eager_vs_hooks"], "met": comp["simfx_eager_vs_hooks"] <= 1.0})
-        elif device == "cuda" and result["model"] == "resnet50":
-            checks = [
-                ("compiled simfx step <= 1.20x compiled baseline", rows.get(("compiled", "simfx")), "ratio", 1.20),
-                ("compiled simfx peak memory <= 1.10x", rows.get(("compiled", "simfx")), "peak_ratio", 1.10),
-            ]
-            if "hooks_eager_vs_simfx_compiled" in comp:
-                found.append({"target": "compiled simfx >= 1.3x faster than eager hooks",
-                              "measured": comp["hooks_eager_vs_simfx_compiled"],
-                              "met": comp["hooks_eager_vs_simfx_compiled"] >= 1.3})
-        else:
-            continue
-        for label, row, key, limit in checks:
-            if row is not None and row[key] is not None:
-                found.append({"target": f"{result['model']}: {label}", "measured": row[key], "met": row[key] <= limit})
+        for label, where, key, limit, sense in TARGETS.get((device, result["model"]), []):
+            value = (result["comparisons"] if where == "comparisons" else rows.get(where, {})).get(key)
+            if value is not None:
+                met = value <= limit if sense == "max" else value >= limit
+                found.append({"target": f"{result['model']}: {label}", "measured": value, "met": met})
     return found
 
 
