@@ -42,9 +42,7 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -61,6 +59,9 @@ except ImportError:  # pragma: no cover - depends on the environment
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import simfx
 from simfx.metrics import BlockLossMeter, weight_std
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # runinfo, however this file is loaded
+from runinfo import load_average, machine_info  # noqa: E402
 
 ARMS = ("baseline", "rho_sim", "self_model", "activation_l2")
 DATASETS = ("digits", "mnist1d")
@@ -492,32 +493,6 @@ def plot_results(results: list[dict], path: str | os.PathLike | None = None):
 # --- command line -------------------------------------------------------------------
 
 
-def machine_info() -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "simfx": simfx.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-    }
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        info["cpu_model"] = next(
-            (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), None
-        )
-    except (OSError, subprocess.SubprocessError):
-        info["cpu_model"] = None
-    return info
-
-
-def _load() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on every platform
-        return None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5, help="seeds per arm (default 5)")
@@ -556,7 +531,7 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"--beta expects ARM=VALUE with ARM one of {sorted(DEFAULT_BETAS)}, got {item!r}.")
         config.betas[arm] = float(value)
 
-    started, load_before = datetime.datetime.now(datetime.timezone.utc), _load()
+    started, load_before = datetime.datetime.now(datetime.timezone.utc), load_average()
     clock = time.perf_counter()
     results = run_experiment(args.datasets, args.arms, range(seeds), config, progress=not args.no_progress)
     seconds = time.perf_counter() - clock
@@ -571,7 +546,7 @@ def main(argv=None) -> list[dict]:
         "date": started.isoformat(timespec="seconds"),
         "seconds": round(seconds, 1),
         "load_average_before": load_before,
-        "load_average_after": _load(),
+        "load_average_after": load_average(),
         "machine": machine_info(),
         "config": asdict(config),
         "seeds": seeds,

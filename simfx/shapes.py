@@ -142,21 +142,55 @@ def _fake_run(graph, root, example_inputs):
 
     runner = _Runner(root, graph)
     mode = FakeTensorMode(allow_non_fake_inputs=False)
+    inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    fakes: dict[int, torch.Tensor] = {}
+    state = {
+        name: _fake_like(tensor, mode, fakes)
+        for name, tensor in (*runner.named_parameters(), *runner.named_buffers())
+    }
     with mode:
-        inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
         device = _single_device(root)
         if device is not None:
             # Examples may sit elsewhere than the model (on 'meta', or on the CPU for a
             # GPU model): only their shapes matter, so run them where the weights are.
             inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs]
-        state = {
-            **{k: mode.from_tensor(v, static_shapes=True) for k, v in runner.named_parameters()},
-            **{k: mode.from_tensor(v, static_shapes=True) for k, v in runner.named_buffers()},
-        }
         # Plain tensor attributes (fx constants, cached tensors) are not in the state
         # dict; fake mode must still be able to read them.
         mode.allow_non_fake_inputs = True
-        return torch.func.functional_call(runner, state, tuple(inputs))
+        # Shapes need no autograd graph (the real-run fallback uses no_grad too);
+        # recording one costs time on every node.
+        with torch.no_grad():
+            return torch.func.functional_call(runner, state, tuple(inputs))
+
+
+def _fake_like(tensor: torch.Tensor, mode, fakes: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A fake tensor of ``mode`` with ``tensor``'s shape, strides, dtype and device.
+
+    ``mode.from_tensor`` records each tensor's full metadata (storage, views,
+    autograd state) and took about half of the shape pass on big models; for
+    parameters and buffers, a meta tensor of the same layout wrapped as a fake is
+    all the pass needs (call this outside the mode: inside it, the wrapping itself
+    is dispatched through the mode, which costs more than it saves). The same
+    tensor object (tied weights) maps to the same fake, so ``functional_call``
+    still sees it tied. Anything else (quantised, sparse, subclass tensors) goes
+    through ``from_tensor``.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    known = fakes.get(id(tensor))
+    if known is not None:
+        return known
+    fake = None
+    if type(tensor) in (torch.Tensor, nn.Parameter) and tensor.layout == torch.strided and not tensor.is_quantized:
+        meta = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+        try:
+            fake = FakeTensor(mode, meta, tensor.device)
+        except (TypeError, RuntimeError):  # the private constructor changed: the public way below
+            fake = None
+    if fake is None:
+        fake = mode.from_tensor(tensor, static_shapes=True)
+    fakes[id(tensor)] = fake
+    return fake
 
 
 def _single_device(root: nn.Module) -> torch.device | None:

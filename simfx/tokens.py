@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["to_tokens", "input_tokens_on_output_grid", "sample_count", "sample_pair"]
+__all__ = ["to_tokens", "input_tokens_on_output_grid", "sample_count", "sample_pair", "take_tokens"]
 
 _POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+_WINDOW_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 def to_tokens(t: Tensor, channel_dim: int) -> Tensor:
@@ -66,7 +67,14 @@ def input_tokens_on_output_grid(x: Tensor, x_channel_dim: int, y: Tensor, y_chan
     if x_grid == y_grid:
         return to_tokens(x, x_channel_dim)
     if len(x_grid) == len(y_grid) and len(x_grid) in _POOL:
-        pooled = _POOL[len(x_grid)](x.movedim(x_channel_dim, 1), y_grid)
+        channel_first = x.movedim(x_channel_dim, 1)
+        if all(a % b == 0 for a, b in zip(x_grid, y_grid)):
+            # Whole windows: the same averages as the adaptive pool, by a kernel
+            # that ran about 1.5x faster on CPU.
+            factors = [a // b for a, b in zip(x_grid, y_grid)]
+            pooled = _WINDOW_POOL[len(x_grid)](channel_first, factors, factors)
+        else:
+            pooled = _POOL[len(x_grid)](channel_first, y_grid)
         return to_tokens(pooled, 1)
     tokens = to_tokens(x, x_channel_dim)
     return F.adaptive_avg_pool1d(tokens.transpose(1, 2), to_tokens(y, y_channel_dim).shape[1]).transpose(1, 2)
@@ -86,7 +94,6 @@ def sample_pair(x_tokens: Tensor | None, y_tokens: Tensor, k: int, strategy: str
     device = y_tokens.device
     if strategy == "shared":
         index = torch.rand(n, device=device).argsort()[:k]
-        pick = lambda t: t.index_select(1, index)  # noqa: E731
     else:
         order = torch.rand(batch, n, device=device).argsort(dim=1)
         if strategy == "topk_mean":
@@ -98,5 +105,25 @@ def sample_pair(x_tokens: Tensor | None, y_tokens: Tensor, k: int, strategy: str
             index = candidates.gather(1, scores.topk(k, dim=1).indices)
         else:
             index = order[:, :k]
-        pick = lambda t: t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
-    return (pick(x_tokens) if x_tokens is not None else None), pick(y_tokens)
+    return (take_tokens(x_tokens, index) if x_tokens is not None else None), take_tokens(y_tokens, index)
+
+
+def take_tokens(tokens: Tensor, index: Tensor) -> Tensor:
+    """``tokens[:, index]`` for a shared ``(k,)`` index, ``tokens[b, index[b]]`` for a ``(B, k)`` one.
+
+    Token views of channel-first maps (``to_tokens`` of NCHW) are transposed:
+    their token axis is the contiguous one. Selecting along it in the map's own
+    layout, then transposing back, picks the same values; the backward then
+    scatters into a gradient already shaped like the map, where selecting on the
+    token view would scatter into a ``(B, N, C)`` buffer and copy all of it back
+    to NCHW (one full copy of the activation per block and step).
+    """
+    channel_first = tokens.dim() == 3 and tokens.stride(1) == 1 and tokens.stride(2) != 1
+    if channel_first:
+        maps = tokens.transpose(1, 2)  # (B, C, N), N contiguous
+        if index.dim() == 1:
+            return maps.index_select(2, index).transpose(1, 2)
+        return maps.gather(2, index.unsqueeze(1).expand(-1, maps.shape[1], -1)).transpose(1, 2)
+    if index.dim() == 1:
+        return tokens.index_select(1, index)
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))

@@ -20,6 +20,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 import simfx
+from conftest import assert_reconstructor_gradients
 from simfx.compat import LossSimTracker, compute_loss_sim, forward_with_sim_cache, init_proj
 from simfx.objectives import RhoSim, SelfModel
 
@@ -160,9 +161,7 @@ def test_every_reconstructor_parameter_gets_a_gradient_and_the_target_none(monke
     _, model = conv_pair()
     seen = spy_tokens(monkeypatch, model.blocks[0])
     model(torch.randn(2, 3, 8, 8)).sum().mul(0).add(compute_loss_sim(model)).backward()
-    for name, p in model.named_parameters():
-        if ".simfx." in name:
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert_reconstructor_gradients((n, p) for n, p in model.named_parameters() if ".simfx." in n)
     x_tokens, y_tokens = seen[0]
     assert not x_tokens.requires_grad and y_tokens.requires_grad
     assert model.blocks[0].conv.weight.grad.abs().sum() > 0  # the block learns through y

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_reconstructor_gradients
 from simfx.objectives import aggregate_losses, build_objective, get_objective, register_objective, objective_names
 from simfx.options import SimOptions
 
@@ -183,8 +184,7 @@ def test_every_reconstructor_parameter_gets_a_gradient():
     x, y = torch.randn(2, 4, 6, 6), torch.randn(2, 8, 3, 3, requires_grad=True)
     head = make_head(x, y, options)
     head(x, y).backward()
-    for name, p in head.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert_reconstructor_gradients(head.named_parameters())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import loaded_script
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "regularization.py"
 
 
 @pytest.fixture(scope="module")
 def reg():
-    spec = importlib.util.spec_from_file_location("regularization", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script(BENCH, "regularization") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _run(arm, seed, acc, wstd, probe=None):

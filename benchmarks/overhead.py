@@ -1,0 +1,481 @@
+"""Training-step overhead of SIM: baseline vs simfx vs hand-written forward hooks.
+
+For each model the script builds three variants from the same initial weights:
+
+* ``baseline``: the plain model;
+* ``simfx``: ``simfx.transform(model)`` with default options (rho_sim on the
+  auto-selected blocks), loss ``cross_entropy + sim_loss``;
+* ``hooks``: what users write without simfx — forward hooks on the *same* blocks
+  computing the same rho_sim loss by hand, written here from DESIGN.md.
+
+``baseline`` and ``simfx`` run eager and under ``torch.compile``; ``hooks`` runs
+eager. A step is zero_grad, forward, loss, backward, SGD step. The variants are
+interleaved in one process (round robin, the order rotating every round), warmed
+up, and reported as medians; each ratio is the median over rounds of the paired
+per-round ratio against the baseline of the same mode, so a load change on a
+shared machine hits both sides of a ratio alike. On CPU the times are the
+process's CPU time per step (one torch thread by default): on a shared machine
+the wall time mostly measures waiting for a core; wall times are kept as well. Also reported: peak memory of a
+step and the FLOPs of a step (forward + backward, ``FlopCounterMode``).
+
+    python benchmarks/overhead.py                                   # CPU: resnet18/50, vit_b_16, 64x64, batch 16
+    python benchmarks/overhead.py --models resnet18 --steps 30      # the CPU target run
+    python benchmarks/overhead.py --device cuda                     # GPU: 224x224, batch 128, bf16 autocast
+    python benchmarks/overhead.py --quick                           # smoke run, seconds
+
+Writes ``overhead-<device>.json`` and ``overhead-<device>.md`` (or ``--name``) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # runinfo, however this file is loaded
+from runinfo import load_average, median, run_meta, write_results  # noqa: E402
+
+import simfx
+
+MODELS = ("resnet18", "resnet50", "vit_b_16")
+MODES = ("eager", "compiled")
+# Per device: image size, batch, autocast dtype (None = float32).
+DEVICE_DEFAULTS = {"cpu": (64, 16, None), "cuda": (224, 128, torch.bfloat16)}
+CLASSES = 100
+
+
+# --- the hand-written version -------------------------------------------------------
+
+
+class HookSim(nn.Module):
+    """rho_sim written by hand with forward hooks, as a user would without simfx.
+
+    Same maths as DESIGN.md (tokens, pooling onto the output grid, shared token
+    sampling, pre_proj + projector + predictor, norm_mse, beta * mean), on the
+    blocks named in ``names``. Block losses are collected in a list during the
+    forward: the usual hook pattern.
+    """
+
+    def __init__(self, model: nn.Module, names, example: torch.Tensor, *, dim: int = 128,
+                 token_ratio: float = 0.2, beta: float = 5e-3):
+        super().__init__()
+        self.model, self.token_ratio, self.beta = model, token_ratio, beta
+        widths = self._widths(model, names, example)
+        device = example.device
+        self.heads = nn.ModuleDict()
+        for name in names:
+            cin, cout = widths[name]
+            self.heads[name.replace(".", "_")] = nn.ModuleDict({
+                "pre_proj": nn.Linear(cout, cin, bias=False) if cin != cout else nn.Identity(),
+                "proj": nn.Sequential(nn.Linear(cin, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim), nn.ReLU(),
+                                      nn.Linear(dim, dim)),
+                "predictor": nn.Linear(dim, dim),
+            }).to(device)
+        self._losses: list[torch.Tensor] = []
+        for name in names:
+            model.get_submodule(name).register_forward_hook(partial(self._hook, name.replace(".", "_")))
+
+    @staticmethod
+    def _widths(model, names, example):
+        """Channel counts of each block's input and output, from one no-grad run."""
+        widths, handles = {}, []
+        for name in names:
+            def record(module, args, output, name=name):
+                widths[name] = (args[0].shape[_channel_axis(args[0])], output.shape[_channel_axis(output)])
+            handles.append(model.get_submodule(name).register_forward_hook(record))
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(example[:2])
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+        return widths
+
+    def _hook(self, key, module, args, output):
+        if self.training:
+            self._losses.append(self._block_loss(self.heads[key], args[0].detach(), output))
+
+    def _block_loss(self, head, x, y):
+        if x.dim() == 4 and x.shape[-2:] != y.shape[-2:]:
+            x = F.adaptive_avg_pool2d(x, y.shape[-2:])
+        xt, yt = _tokens(x), _tokens(y)
+        n = yt.shape[1]
+        k = min(n, max(2, int(n * self.token_ratio)))
+        index = torch.randperm(n, device=y.device)[:k]
+        xs, ys = xt.index_select(1, index), yt.index_select(1, index)
+        with torch.no_grad():
+            target = head["proj"](xs)
+        prediction = head["predictor"](head["proj"](head["pre_proj"](ys)))
+        return _norm_mse(prediction.float(), target.float())
+
+    def forward(self, x):
+        self._losses = []
+        out = self.model(x)
+        if not self.training:
+            return out, out.new_zeros((), dtype=torch.float32)
+        losses, self._losses = self._losses, []
+        return out, self.beta * torch.stack(losses).mean()
+
+
+def _channel_axis(t: torch.Tensor) -> int:
+    return 1 if t.dim() == 4 else t.dim() - 1
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(2).transpose(1, 2) if t.dim() == 4 else t
+
+
+def _norm_mse(prediction, target):
+    def standardise(z):
+        return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-6)
+
+    return torch.linalg.vector_norm(standardise(prediction) - standardise(target), dim=-1).mean()
+
+
+# --- variants ------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    name: str
+    mode: str
+    module: nn.Module
+    returns_loss: bool
+    optimizer: torch.optim.Optimizer
+    times: list[float] = field(default_factory=list)  # on the clock the ratios use
+    wall_times: list[float] = field(default_factory=list)
+    first_step_s: float | None = None
+    peak_bytes: int | None = None
+    flops: int | None = None
+
+
+def build_model(name: str, image_size: int) -> nn.Module:
+    if name.startswith("vit"):
+        return getattr(torchvision.models, name)(num_classes=CLASSES, image_size=image_size)
+    return getattr(torchvision.models, name)(num_classes=CLASSES)
+
+
+def build_variants(name: str, x: torch.Tensor, modes, *, compile_mode: str | None) -> list[Variant]:
+    torch.manual_seed(0)
+    model = build_model(name, x.shape[-1]).to(x.device).train()
+
+    def optimizer(module):
+        return torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+
+    def compiled(module):
+        return torch.compile(module, fullgraph=True, mode=compile_mode)
+
+    base_eager = copy.deepcopy(model)
+    sim_eager = simfx.transform(copy.deepcopy(model), x[:2])
+    blocks = [b.name for b in sim_eager.simfx_info.plan.blocks]
+    hooks = HookSim(copy.deepcopy(model), blocks, x).train()
+    variants = []
+    if "eager" in modes:
+        variants += [
+            Variant("baseline", "eager", base_eager, False, optimizer(base_eager)),
+            Variant("simfx", "eager", sim_eager, True, optimizer(sim_eager)),
+            Variant("hooks", "eager", hooks, True, optimizer(hooks)),
+        ]
+    if "compiled" in modes:
+        base_c = copy.deepcopy(model)
+        sim_c = simfx.transform(copy.deepcopy(model), x[:2])
+        variants += [
+            Variant("baseline", "compiled", compiled(base_c), False, optimizer(base_c)),
+            Variant("simfx", "compiled", compiled(sim_c), True, optimizer(sim_c)),
+        ]
+    return variants
+
+
+def run_step(v: Variant, x, labels, amp_dtype) -> None:
+    v.optimizer.zero_grad(set_to_none=True)
+    autocast = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    with autocast:
+        result = v.module(x)
+        if v.returns_loss:
+            out, sim_loss = result
+            loss = F.cross_entropy(out.float(), labels) + sim_loss
+        else:
+            loss = F.cross_entropy(result.float(), labels)
+    loss.backward()
+    v.optimizer.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_step(v, x, labels, amp_dtype) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one step."""
+    _sync(x.device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    run_step(v, x, labels, amp_dtype)
+    _sync(x.device)
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+# --- memory and FLOPs ------------------------------------------------------------------
+
+
+def peak_step_bytes(v: Variant, x, labels, amp_dtype) -> int:
+    """Peak bytes allocated during one step.
+
+    GPU: ``torch.cuda.max_memory_allocated`` (everything live, weights included).
+    CPU: the same quantity, built from the profiler's memory events: the bytes of
+    the weights and optimizer state, plus the highest running total of allocations
+    during a step that starts with the gradients freed (activations, gradients,
+    temporaries).
+    """
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run_step(v, x, labels, amp_dtype)
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated())
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    # Two steps under the profiler, the second one measured: the profiler cannot
+    # account for frees of blocks allocated before it started, but it can for
+    # those of the first profiled step.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run_step(v, x, labels, amp_dtype)
+        v.optimizer.zero_grad(set_to_none=True)
+        with record_function("measured_step"):
+            run_step(v, x, labels, amp_dtype)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    span = next(e for e in events if e.get("name") == "measured_step" and e.get("ph") == "X")
+    start, end = span["ts"], span["ts"] + span["dur"]
+    memory = sorted((e["ts"], e["args"]["Total Allocated"]) for e in events
+                    if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
+    before = [total for ts, total in memory if ts < start]
+    inside = [total for ts, total in memory if start <= ts <= end]
+    live_at_start = before[-1] if before else 0
+    return _state_bytes(v) + int(max(inside, default=live_at_start) - live_at_start)
+
+
+def _state_bytes(v: Variant) -> int:
+    tensors = {id(p): p for p in v.optimizer.param_groups[0]["params"]}
+    for state in v.optimizer.state.values():
+        tensors.update({id(t): t for t in state.values() if isinstance(t, torch.Tensor)})
+    tensors.update({id(b): b for b in v.module.buffers()})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def step_flops(v: Variant, x, labels, amp_dtype) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run_step(v, x, labels, amp_dtype)
+    return int(counter.get_total_flops())
+
+
+# --- the measurement --------------------------------------------------------------------
+
+
+def measure_model(name, device, image_size, batch, amp_dtype, modes, warmup, steps, compile_mode, clock="wall",
+                  log=print):
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    labels = torch.randint(0, CLASSES, (batch,), device=device)
+    variants = build_variants(name, x, modes, compile_mode=compile_mode)
+    for v in variants:  # the first step compiles: time it on its own
+        v.first_step_s = timed_step(v, x, labels, amp_dtype)[0]
+        log(f"  {name} {v.mode:8s} {v.name:8s} first step {v.first_step_s:.2f} s")
+    for round_ in range(warmup + steps):
+        shift = round_ % len(variants)
+        for v in variants[shift:] + variants[:shift]:
+            wall, cpu = timed_step(v, x, labels, amp_dtype)
+            if round_ >= warmup:
+                v.times.append(cpu if clock == "cpu" else wall)
+                v.wall_times.append(wall)
+    for v in variants:
+        v.peak_bytes = peak_step_bytes(v, x, labels, amp_dtype)
+        if v.mode == "eager":
+            v.flops = step_flops(v, x, labels, amp_dtype)
+    return summarise(name, image_size, batch, variants)
+
+
+def _paired(a: Variant, b: Variant, wall: bool = False) -> float:
+    """Median over rounds of a's step time over b's in the same round."""
+    pairs = zip(a.wall_times, b.wall_times) if wall else zip(a.times, b.times)
+    return median([ta / tb for ta, tb in pairs])
+
+
+def summarise(model, image_size, batch, variants) -> dict:
+    by = {(v.mode, v.name): v for v in variants}
+    rows = []
+    for v in variants:
+        base = by[(v.mode, "baseline")]
+        rows.append({
+            "model": model, "image_size": image_size, "batch": batch, "mode": v.mode, "variant": v.name,
+            "median_ms": round(1e3 * median(v.times), 2),
+            "p25_ms": round(1e3 * sorted(v.times)[len(v.times) // 4], 2),
+            "p75_ms": round(1e3 * sorted(v.times)[(3 * len(v.times)) // 4], 2),
+            "ratio": round(_paired(v, base), 3),
+            "wall_median_ms": round(1e3 * median(v.wall_times), 2),
+            "wall_ratio": round(_paired(v, base, wall=True), 3),
+            "first_step_s": round(v.first_step_s, 2),
+            "peak_mb": round(v.peak_bytes / 2**20, 1),
+            "peak_ratio": round(v.peak_bytes / base.peak_bytes, 3) if base.peak_bytes else None,
+            "gflops": round(v.flops / 1e9, 3) if v.flops else None,
+            "added_flops_pct": round(100 * (v.flops / base.flops - 1), 1) if v.flops and base.flops else None,
+            "steps": len(v.times),
+        })
+    comparisons = {}
+    if ("eager", "simfx") in by:
+        comparisons["simfx_eager_vs_hooks"] = round(_paired(by[("eager", "simfx")], by[("eager", "hooks")]), 3)
+    if ("compiled", "simfx") in by:
+        sim_c = by[("compiled", "simfx")]
+        if ("eager", "hooks") in by:
+            comparisons["hooks_eager_vs_simfx_compiled"] = round(_paired(by[("eager", "hooks")], sim_c), 3)
+        if ("eager", "baseline") in by:
+            fastest = min(median(by[("eager", "baseline")].times), median(by[("compiled", "baseline")].times))
+            comparisons["simfx_compiled_vs_fastest_baseline"] = round(median(sim_c.times) / fastest, 3)
+    return {"model": model, "rows": rows, "comparisons": comparisons}
+
+
+# --- targets and report ------------------------------------------------------------------
+
+
+# The issue's targets: (device, model) -> (label, row (mode, variant) or "comparisons", key, limit, sense).
+TARGETS = {
+    ("cpu", "resnet18"): [
+        ("eager simfx step <= 1.25x eager baseline", ("eager", "simfx"), "ratio", 1.25, "max"),
+        ("compiled simfx step <= 1.20x compiled baseline", ("compiled", "simfx"), "ratio", 1.20, "max"),
+        ("eager simfx no slower than hooks", "comparisons", "simfx_eager_vs_hooks", 1.0, "max"),
+    ],
+    ("cuda", "resnet50"): [
+        ("compiled simfx step <= 1.20x compiled baseline", ("compiled", "simfx"), "ratio", 1.20, "max"),
+        ("compiled simfx peak memory <= 1.10x", ("compiled", "simfx"), "peak_ratio", 1.10, "max"),
+        ("compiled simfx >= 1.3x faster than eager hooks", "comparisons", "hooks_eager_vs_simfx_compiled", 1.3,
+         "min"),
+    ],
+}
+
+
+def check_targets(results: list[dict], device: str) -> list[dict]:
+    """The targets this run can judge: target, measured value, met."""
+    found = []
+    for result in results:
+        rows = {(r["mode"], r["variant"]): r for r in result["rows"]}
+        for label, where, key, limit, sense in TARGETS.get((device, result["model"]), []):
+            value = (result["comparisons"] if where == "comparisons" else rows.get(where, {})).get(key)
+            if value is not None:
+                met = value <= limit if sense == "max" else value >= limit
+                found.append({"target": f"{result['model']}: {label}", "measured": value, "met": met})
+    return found
+
+
+def markdown(results, targets, meta) -> str:
+    m = meta["machine"]
+    lines = [
+        f"Command: `{meta['command']}`  ",
+        f"Date: {meta['date']}; {m.get('gpu') or m['cpu_model']}, {m['cpu_count']} cores ({m['machine']}), "
+        f"{m['torch_threads']} torch threads, torch {m['torch']}; load average before/after "
+        f"{meta['load_average_before']}/{meta['load_average_after']}; {meta['steps']} timed steps after "
+        f"{meta['warmup']} warm-up rounds, {meta['dtype']}; times and ratios on the {meta['clock']} clock "
+        f"(wall-clock ratios in the JSON).",
+        "",
+        "| model | input | mode | variant | median ms (p25-p75) | ratio vs baseline | peak MB | peak ratio "
+        "| GFLOPs/step | added FLOPs | first step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for r in result["rows"]:
+            lines.append(
+                f"| {r['model']} | {r['batch']}x3x{r['image_size']}² | {r['mode']} | {r['variant']} | "
+                f"{r['median_ms']:.1f} ({r['p25_ms']:.1f}-{r['p75_ms']:.1f}) | {r['ratio']:.2f}x | "
+                f"{r['peak_mb']:.0f} | {r['peak_ratio']:.2f}x | "
+                f"{'' if r['gflops'] is None else format(r['gflops'], '.2f')} | "
+                f"{'' if r['added_flops_pct'] is None else format(r['added_flops_pct'], '+.1f') + '%'} | "
+                f"{r['first_step_s']:.1f} |"
+            )
+    lines.append("")
+    for result in results:
+        for key, value in result["comparisons"].items():
+            lines.append(f"- {result['model']}: `{key}` = {value:.2f}x")
+    if targets:
+        lines += ["", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['measured']:.2f} | {'yes' if t['met'] else 'no'} |" for t in targets]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=sorted(DEVICE_DEFAULTS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--image-size", type=int, help="default: 64 on CPU, 224 on GPU")
+    parser.add_argument("--batch", type=int, help="default: 16 on CPU, 128 on GPU")
+    parser.add_argument("--steps", type=int, default=20, help="timed rounds (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds after the first step (default 3)")
+    # One thread by default on CPU: on a shared machine, two threads per process
+    # contend with other jobs and the timings scatter far more.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: resnet18, eager, 32x32, batch 4, 2 steps")
+    parser.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
+    parser.add_argument("--name", help="result file stem (default overhead-<device>)")
+    # Process CPU time on CPU: on a shared machine a step's wall time mostly measures
+    # how long it waited for a core, CPU time the work it did (one thread).
+    parser.add_argument("--clock", choices=("cpu", "wall"), help="clock for times and ratios (default: cpu on "
+                        "CPU, wall on GPU); the JSON has wall times either way")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    image_size, batch, amp_dtype = DEVICE_DEFAULTS[args.device]
+    if args.quick:
+        args.models, args.modes, args.steps, args.warmup = ["resnet18"], ["eager"], 2, 1
+        image_size, batch = 32, 4
+    image_size, batch = args.image_size or image_size, args.batch or batch
+    clock = args.clock or ("cpu" if args.device == "cpu" else "wall")
+    device = torch.device(args.device)
+    started, load_before = datetime.datetime.now(datetime.timezone.utc), load_average()
+    results = []
+    for name in args.models:
+        print(f"{name}: {batch}x3x{image_size}x{image_size} on {device}", flush=True)
+        results.append(measure_model(name, device, image_size, batch, amp_dtype, args.modes, args.warmup,
+                                     args.steps, args.compile_mode, clock))
+    targets = check_targets(results, args.device)
+    meta = {
+        **run_meta("overhead.py", argv, started, load_before),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "dtype": f"{amp_dtype} autocast" if amp_dtype else "float32",
+        "clock": clock,
+    }
+    payload = {"meta": meta, "results": results, "targets": targets}
+    text = markdown(results, targets, meta)
+    stem = args.name or f"overhead-{args.device}"
+    folder = write_results(args.out, stem, payload, text)
+    print(text)
+    print(f"wrote {folder}/{stem}.{{json,md}}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
