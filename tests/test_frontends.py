@@ -350,3 +350,32 @@ def test_ultralytics_yolo_from_yaml_transforms_with_no_extra_arguments(config):
     assert table.opaque and all(r.startswith("made opaque: ") for r in table.opaque.values())
     assert any("Proxy object cannot be iterated" in r for r in table.opaque.values())
     assert {r.name for r in table.selected()} >= {"model.2", "model.4"}
+
+
+class _SignBranchResidual(nn.Module):
+    """A residual block fx cannot trace (a data-dependent branch), as library code often has."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return x + self.conv(x)
+        return x - self.conv(x)
+
+
+def test_timm_notrace_registrations_are_honoured_without_opaque_retries():
+    timm_layers = pytest.importorskip("timm.layers")
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _SignBranchResidual(), _SignBranchResidual(), nn.Conv2d(4, 2, 1))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(simfx.TraceError):
+        simfx.transform(model, x, frontend="fx", auto_opaque=False)
+
+    timm_layers.register_notrace_module(_SignBranchResidual)
+    sim = simfx.transform(model, x, frontend="fx", auto_opaque=False)
+    kept_whole = {n.target for n in sim.graph.nodes if n.op == "call_module"}
+    assert {"1", "2"} <= kept_whole
+    assert {b.name for b in sim.simfx_info.plan.blocks} == {"1", "2"}  # repeated siblings
+    train_step(sim, x)
+    assert_eval_exact(sim, model, x)
