@@ -44,11 +44,12 @@ import simfx.api
 
 # Stage name -> the function simfx.api calls for it.
 STAGES = {
-    "trace": "capture",
+    "trace": "trace_model",
     "shapes": "propagate_shapes",
     "boundaries": "find_candidates",
     "select": "select_blocks",
     "rewrite": "rewrite",
+    "check": "check_training_graph",
 }
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vit_b_16", "vit_l_16", "residual48")
 
@@ -101,7 +102,7 @@ def time_transform(model: nn.Module, example: torch.Tensor) -> dict:
             result = function(*args, **kwargs)
             stage_seconds[stage] += time.process_time() - start
             if stage == "trace":
-                nodes["train"] = len(result.train_graph.nodes)
+                nodes["train"] = len(result.graph.nodes)
             return result
         return wrapper
 

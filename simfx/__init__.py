@@ -12,10 +12,13 @@ from . import metrics
 from .api import BoundaryRow, BoundaryTable, find_boundaries, transform
 from .boundaries import Boundary
 from .draw import draw
-from .errors import ExampleInputsError, NoEligibleBlockError, SelectorError, SimfxError, TraceError
+from .errors import (
+    ExampleInputsError, FaithfulnessError, NoEligibleBlockError, SelectorError, SimfxError, TraceError,
+    UnsupportedModelError,
+)
 from .explain import Report, explain
 from .monitor import NonFiniteLossWarning
-from .graph_module import DualGraphModule, SimGraphModule
+from .graph_module import SimGraphModule
 from .graphs import GraphDiff, graph_diff, to_networkx
 from .objectives import objective_names, register_objective
 from .options import SimOptions
@@ -50,11 +53,12 @@ __all__ = [
     "Plan",
     "PlannedBlock",
     "SimGraphModule",
-    "DualGraphModule",
     "SimfxError",
     "TraceError",
     "NoEligibleBlockError",
     "SelectorError",
     "ExampleInputsError",
+    "FaithfulnessError",
+    "UnsupportedModelError",
     "NonFiniteLossWarning",
 ]

@@ -1,29 +1,45 @@
 """The public entry points: :func:`transform` and :func:`find_boundaries`.
 
-Each runs the stages in order — trace, shapes, boundaries, select, rewrite —
-passing plain data between them.
+Each runs the stages in order — capture (fx or export), shapes, boundaries,
+select, rewrite, check — passing plain data between them. With fx, two things
+the later stages learn send the capture round again: an opaque module that
+returns a tuple is retraced as that tuple, and code tracing would lose (a
+random draw, a custom backward, checkpointing) outside the blocks that run as
+module calls makes its module opaque. ``frontend="auto"`` moves to
+``torch.export`` when fx cannot capture the model, finds no block, or fails the
+check.
 """
 
 from __future__ import annotations
 
 import copy as copy_module
+import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import torch
+import torch.fx as fx
 from torch import nn
 
 from .boundaries import Boundary, find_candidates
-from .errors import ExampleInputsError
+from .check import check_training_graph
+from .errors import FaithfulnessError, NoEligibleBlockError, TraceError
 from .graph_module import SimGraphModule
+from .inputs import ExampleInputs, example_inputs as as_example_inputs
 from .options import SimOptions
-from .rewrite import rewrite
-from .select import select_blocks
-from .shapes import propagate_shapes
-from .frontend import capture
-from .trace import ExampleInputs
+from .rewrite import collapsible_frames, rewrite
+from .select import Plan, select_blocks
+from .shapes import GraphShapes, propagate_shapes
+from .trace import TracedModel, trace_model
+from .wrapped import unwrapped_model
 
 __all__ = ["transform", "find_boundaries", "BoundaryRow", "BoundaryTable"]
+
+log = logging.getLogger("simfx")
+
+FRONTENDS = ("auto", "fx", "export")
+# Above this share of parameters hidden in modules fx could not trace, auto tries export.
+OPAQUE_LIMIT = 0.25
 
 
 def transform(
@@ -47,15 +63,17 @@ def transform(
     autowrap_functions: Sequence[Callable[..., Any]] = (),
     auto_opaque: bool = True,
     copy: bool = False,
+    check: bool = True,
 ) -> SimGraphModule:
     """Add SIM to ``model``: a new GraphModule returning ``(output, sim_loss)`` in training.
 
     Args:
-        model: any ``nn.Module`` torch.fx can trace (or a ``GraphModule``).
+        model: any ``nn.Module`` torch.fx or torch.export can capture (or a
+            ``GraphModule``). Wrap it (DDP, FSDP, ``torch.compile``) after transforming.
         example_inputs: a tensor, a tuple of the forward's positional arguments, or a
             dict of its keyword arguments, shaped like a training batch. Tensors become
             the transformed module's inputs, in that order; other values (flags,
-            ``None``) are bound as constants. Used only for shapes (fake tensors).
+            ``None``) are bound as constants.
         blocks: ``"auto"`` or selectors — module classes, name globs (``"layer*.*"``),
             compiled regexes, predicates over a :class:`~simfx.Boundary` — or a list.
         exclude: selectors of blocks to leave out.
@@ -63,18 +81,22 @@ def transform(
         objective, beta, token_ratio, channel_ratio, token_sampling, loss, dim,
             channel_dim: default SIM options (see :class:`~simfx.SimOptions`).
         per_block: also return ``{block name: loss}`` as a third output.
-        frontend: ``"auto"`` (fx first; ``torch.export`` when fx fails in the model's own
-            forward or hides most parameters in opaque modules), ``"fx"`` or ``"export"``.
-        leaf_modules: module classes or qualified names to keep opaque when tracing.
+        frontend: ``"auto"`` (fx first; ``torch.export`` when fx cannot capture the
+            model, finds no block, hides most parameters in opaque modules, or fails
+            the check), ``"fx"`` or ``"export"``.
+        leaf_modules: module classes or qualified names to keep opaque (run as one call).
         autowrap_functions: free functions to record as single graph nodes.
         auto_opaque: with fx, keep a submodule fx cannot trace opaque (one graph node)
             and retry, instead of raising; ``find_boundaries`` reports which and why.
         copy: transform a deep copy instead of sharing the model's submodules.
+        check: run the training graph without SIM and the model on the example inputs
+            once, and raise :class:`~simfx.FaithfulnessError` if outputs or gradients
+            differ (two forward and backward passes; skipped for meta-device models).
 
     Returns:
         A :class:`~simfx.SimGraphModule`. It shares the model's submodules (unless
-        ``copy=True``): training it trains ``model``, and ``.train()``/``.eval()``
-        on it switch the model's submodules too.
+        ``copy=True``): training it trains ``model``, its ``training`` flag is the
+        model's, and eval mode calls the model itself.
 
     Example::
 
@@ -96,52 +118,172 @@ def transform(
             "this module was already transformed by simfx; call simfx.strip(module) to get the "
             "plain model back, then transform that."
         )
-    inputs = _example_inputs(example_inputs, model, "transform")
+    model = unwrapped_model(model)
+    inputs = as_example_inputs(example_inputs, model, "transform")
     defaults = SimOptions(
         objective=objective, beta=beta, token_ratio=token_ratio, channel_ratio=channel_ratio,
         token_sampling=token_sampling, loss=loss, dim=dim, channel_dim=channel_dim,
     )
     if copy:
         model = copy_module.deepcopy(model)
-    traced, metas, candidates = _analyse(model, inputs, frontend, leaf_modules, autowrap_functions, auto_opaque)
-    plan = select_blocks(candidates, blocks, exclude=exclude, overrides=overrides, defaults=defaults)
-    return rewrite(traced, plan, metas, candidates=candidates, example_inputs=traced.inputs, per_block=per_block)
+    selection = _Selection(blocks, exclude, overrides, defaults, allow_empty=False)
+    capture = _Capture(frontend, tuple(leaf_modules), tuple(autowrap_functions), auto_opaque)
+    built = _build(model, inputs, capture, selection, per_block=per_block, check=check)
+    return built.sim
 
 
-def _analyse(model, inputs, frontend, leaf_modules, autowrap_functions, auto_opaque):
-    traced = capture(
-        model, inputs, frontend=frontend, leaf_modules=leaf_modules,
-        autowrap_functions=autowrap_functions, auto_opaque=auto_opaque,
-    )
-    metas = propagate_shapes(traced.train_graph, traced.root, traced.inputs)
-    candidates = find_candidates(traced.train_graph, traced.root, metas, traced.opaque)
-    return traced, metas, candidates
+# --- the pipeline ---------------------------------------------------------------
 
 
-def _example_inputs(example_inputs: Any, model: nn.Module, caller: str) -> ExampleInputs:
-    if example_inputs is None:
-        raise ExampleInputsError(
-            f"simfx.{caller} needs example_inputs for {type(model).__name__}: a batch shaped like "
-            f"your training inputs, e.g. simfx.{caller}(model, torch.randn(2, 3, 224, 224)). "
-            f"They fix block shapes and reconstructor sizes; only fake tensors run on them."
+@dataclass(frozen=True)
+class _Selection:
+    blocks: Any
+    exclude: Any
+    overrides: Mapping[Any, Mapping[str, Any]] | None
+    defaults: SimOptions
+    allow_empty: bool
+
+    def plan(self, candidates: Sequence[Boundary]) -> Plan:
+        return select_blocks(
+            candidates, self.blocks, exclude=self.exclude, overrides=self.overrides,
+            defaults=self.defaults, allow_empty=self.allow_empty,
         )
-    if isinstance(example_inputs, torch.Tensor):
-        inputs = ExampleInputs((example_inputs,))
-    elif isinstance(example_inputs, (tuple, list)):
-        inputs = ExampleInputs(tuple(example_inputs))
-    elif isinstance(example_inputs, Mapping):
-        inputs = ExampleInputs((), dict(example_inputs))
-    else:
-        raise ExampleInputsError(
-            f"example_inputs must be a tensor, a tuple of the forward's positional arguments or a dict "
-            f"of its keyword arguments; got {type(example_inputs).__name__}."
+
+
+@dataclass(frozen=True)
+class _Capture:
+    frontend: str
+    leaf_modules: tuple
+    autowrap_functions: tuple
+    auto_opaque: bool
+
+
+@dataclass
+class _Built:
+    traced: TracedModel
+    shapes: GraphShapes
+    candidates: list[Boundary]
+    plan: Plan
+    sim: SimGraphModule | None = None
+
+
+def _build(model, inputs, capture: _Capture, selection: _Selection, *, per_block: bool, check: bool) -> _Built:
+    """Capture with the chosen frontend, select, rewrite and check; ``auto`` falls back to export."""
+    if capture.frontend not in FRONTENDS:
+        raise ValueError(f"frontend={capture.frontend!r} is not one of {FRONTENDS}.")
+
+    def attempt(frontend: str) -> _Built:
+        built = _analyse(model, inputs, frontend, capture, selection)
+        if built.plan.blocks:
+            built.sim = rewrite(built.traced, built.plan, candidates=built.candidates, per_block=per_block)
+            status = check_training_graph(built.sim, built.traced) if check else "skipped: check=False"
+            built.sim.simfx_info = _with_check(built.sim.simfx_info, status)
+        return built
+
+    if capture.frontend != "auto":
+        return attempt(capture.frontend)
+    try:
+        built = attempt("fx")
+    except TraceError as fx_error:
+        if fx_error.module_name and not capture.auto_opaque:
+            raise  # the user asked for an error inside submodules rather than opaque blocks
+        try:
+            return attempt("export")
+        except (TraceError, FaithfulnessError, NoEligibleBlockError) as export_error:
+            raise TraceError(
+                f"{fx_error}\nsimfx also tried torch.export (frontend='auto'): {_cause(export_error)}",
+                fx_error.module_name, fx_error.module_type, fx_error.cause,
+            ) from export_error
+    except (NoEligibleBlockError, FaithfulnessError) as fx_error:
+        try:
+            built = attempt("export")
+        except (TraceError, FaithfulnessError, NoEligibleBlockError) as export_error:
+            raise type(fx_error)(
+                f"{fx_error}\nsimfx also tried torch.export (frontend='auto'): {_cause(export_error)}"
+            ) from export_error
+        log.info("simfx: fx gave no usable training graph (%s); using torch.export", _cause(fx_error))
+        return built
+    if not built.plan.blocks:  # find_boundaries' preview: fx found nothing to select
+        try:
+            exported = attempt("export")
+        except (TraceError, FaithfulnessError, NoEligibleBlockError):
+            return built
+        return exported if exported.plan.blocks else built
+    hidden = _untraceable_share(model, built.traced)
+    if hidden > OPAQUE_LIMIT:
+        try:
+            exported = attempt("export")
+        except (TraceError, FaithfulnessError, NoEligibleBlockError) as error:
+            log.info("simfx: torch.export failed (%s); keeping the fx trace with opaque modules", _cause(error))
+            return built
+        log.info("simfx: fx left %.0f%% of the parameters in opaque modules; using torch.export", 100 * hidden)
+        return exported
+    return built
+
+
+def _analyse(model, inputs: ExampleInputs, frontend: str, capture: _Capture, selection: _Selection) -> _Built:
+    if frontend == "export":
+        from .export_trace import export_model  # torch.export loads lazily; fx users never pay for it
+
+        traced = export_model(model, inputs)
+        shapes = propagate_shapes(traced.graph, traced.root, traced.inputs)
+        candidates = find_candidates(traced.graph, traced.root, shapes, traced.opaque)
+        return _Built(traced, shapes, candidates, selection.plan(candidates))
+
+    leaves = list(capture.leaf_modules)
+    reasons: dict[str, str] = {}
+    structures: dict[str, Any] = {}
+    while True:
+        traced = trace_model(
+            model, inputs, leaf_modules=leaves, autowrap_functions=capture.autowrap_functions,
+            auto_opaque=capture.auto_opaque, leaf_structures=structures, opaque_reasons=reasons,
         )
-    if not inputs.tensors:
-        raise ExampleInputsError(
-            f"example_inputs for {type(model).__name__} holds no tensor; pass the forward's "
-            f"positional arguments, e.g. (torch.randn(2, 3, 224, 224),), or keyword arguments as a dict."
-        )
-    return inputs
+        shapes = propagate_shapes(traced.graph, traced.root, traced.inputs)
+        fresh = {k: v for k, v in shapes.leaf_structures.items() if structures.get(k) != v}
+        if fresh and not isinstance(model, fx.GraphModule):
+            structures.update(fresh)  # trace opaque modules' tuple results as tuples
+            continue
+        candidates = find_candidates(traced.graph, traced.root, shapes, traced.opaque)
+        plan = selection.plan(candidates)
+        lost = _lost_outside_calls(traced, plan)
+        if not lost:
+            return _Built(traced, shapes, candidates, plan)
+        for finding in lost:
+            if not finding.module or finding.module in leaves:
+                raise FaithfulnessError(
+                    f"simfx cannot trace {type(model).__name__} faithfully: {finding.describe()}. Move that code "
+                    f"into a submodule (simfx then runs it as one call), or use frontend='export' where it is "
+                    f"supported."
+                )
+            leaves.append(finding.module)
+            reasons[finding.module] = f"made opaque: {finding.describe()}"
+
+
+def _lost_outside_calls(traced: TracedModel, plan: Plan):
+    """Findings in code that stays traced (not inside a block that runs as a call of its module)."""
+    called = [frame.name for frame in collapsible_frames(traced, plan)]
+    return [
+        f for f in traced.findings
+        if not any(f.module == name or f.module.startswith(f"{name}.") for name in called)
+    ]
+
+
+def _with_check(info, status: str):
+    return dataclasses.replace(info, check=status)
+
+
+def _cause(error: Exception) -> str:
+    cause = getattr(error, "cause", "") or str(error)
+    return cause.strip().splitlines()[0] if cause.strip() else type(error).__name__
+
+
+def _untraceable_share(model: nn.Module, traced: TracedModel) -> float:
+    """Share of the model's parameters inside modules fx could not trace (kept opaque automatically)."""
+    if not traced.untraceable:
+        return 0.0
+    total = {id(p): p.numel() for p in model.parameters()}
+    hidden = {id(p): p.numel() for name in traced.untraceable for p in model.get_submodule(name).parameters()}
+    return sum(hidden.values()) / max(sum(total.values()), 1)
 
 
 # --- find_boundaries ------------------------------------------------------------
@@ -219,26 +361,32 @@ def find_boundaries(
     leaf_modules: Sequence[type | str] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
     auto_opaque: bool = True,
+    check: bool = True,
     **options: Any,
 ) -> BoundaryTable:
     """Preview every candidate boundary and what the selection would do with it.
 
-    Takes the same selection and tracing arguments as :func:`transform` and changes
-    nothing. The table also lists the modules kept opaque and why
-    (``table.opaque``), and which frontend captured the model (``table.frontend``).
+    Takes the same selection and tracing arguments as :func:`transform`, makes the
+    same choices (the frontend included: with ``check`` it runs the same
+    transform-time check) and changes nothing. The table also lists the modules
+    kept opaque and why (``table.opaque``), and which frontend captured the model
+    (``table.frontend``).
 
     >>> import torch, torchvision, simfx
     >>> table = simfx.find_boundaries(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64))
     >>> [r.name for r in table.selected()][:3]
     ['layer1.0', 'layer1.1', 'layer2.0']
     """
-    inputs = _example_inputs(example_inputs, model, "find_boundaries")
+    model = unwrapped_model(model)
+    inputs = as_example_inputs(example_inputs, model, "find_boundaries")
     defaults = SimOptions().replace(**options)
-    traced, metas, candidates = _analyse(model, inputs, frontend, leaf_modules, autowrap_functions, auto_opaque)
-    plan = select_blocks(candidates, blocks, exclude=exclude, defaults=defaults, allow_empty=True)
+    selection = _Selection(blocks, exclude, None, defaults, allow_empty=True)
+    capture = _Capture(frontend, tuple(leaf_modules), tuple(autowrap_functions), auto_opaque)
+    built = _build(model, inputs, capture, selection, per_block=False, check=check)
+    plan, traced = built.plan, built.traced
     chosen = set(plan.names)
     return BoundaryTable(
-        (BoundaryRow(b, b.name in chosen, plan.decisions.get(b.name, b.reason)) for b in candidates),
+        (BoundaryRow(b, b.name in chosen, plan.decisions.get(b.name, b.reason)) for b in built.candidates),
         opaque=traced.opaque,
         frontend=traced.frontend,
     )

@@ -29,8 +29,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .shapes import TensorMeta, _weight_layer_channel_dim, op_name
-from .trace import SCOPE_KEY, ScopeFrame, fetch_attr
+from .shapes import GraphShapes, TensorMeta, _weight_layer_channel_dim, op_name
+from .trace import GRAD_KEY, SCOPE_KEY, ScopeFrame, fetch_attr
 
 __all__ = ["Boundary", "find_candidates", "layout_name", "token_count"]
 
@@ -138,10 +138,11 @@ _SHAPE_QUERIES = frozenset({"size", "dim", "numel", "getattr", "sym_size", "sym_
 class _GraphFacts:
     """Indexes a traced graph once: order, activations, shapes, dominator trees."""
 
-    def __init__(self, graph: fx.Graph, root: nn.Module, metas: Mapping[str, object]):
+    def __init__(self, graph: fx.Graph, root: nn.Module, shapes: GraphShapes):
         self.graph = graph
         self.root = root
-        self.metas = metas
+        self.shapes = shapes
+        self.metas = shapes.metas
         self.nodes = list(graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.by_name = {n.name: n for n in self.nodes}
@@ -307,11 +308,11 @@ class _Region:
 def find_candidates(
     graph: fx.Graph,
     root: nn.Module,
-    metas: Mapping[str, object],
+    shapes: GraphShapes,
     opaque: Mapping[str, str] | None = None,
 ) -> list[Boundary]:
     """Every module-scope and residual-region candidate of ``graph``, in graph order."""
-    facts = _GraphFacts(graph, root, metas)
+    facts = _GraphFacts(graph, root, shapes)
     opaque = opaque or {}
 
     frames: dict[ScopeFrame, list[fx.Node]] = {}
@@ -388,7 +389,7 @@ def _analyse_region(nodes: list[fx.Node], facts: _GraphFacts) -> _Region:
         if isinstance(meta, TensorMeta):
             tensor_inputs.append(a)
         elif isinstance(meta, tuple):
-            tensor_inputs.extend([a] * len(meta))
+            tensor_inputs.extend([a] * _tensor_count(meta))
     outputs = [n for n in nodes if any(u not in inside and u in facts.live for u in n.users)]
 
     if not tensor_inputs:
@@ -413,6 +414,14 @@ def _analyse_region(nodes: list[fx.Node], facts: _GraphFacts) -> _Region:
         elif not isinstance(out_meta, TensorMeta):
             region.reason = "its result is not a tensor"
     return region
+
+
+def _tensor_count(meta) -> int:
+    if isinstance(meta, TensorMeta):
+        return 1
+    if isinstance(meta, tuple):
+        return sum(_tensor_count(m) for m in meta)
+    return 0
 
 
 def _only_first_element_used(node: fx.Node, facts: _GraphFacts) -> fx.Node | None:
@@ -530,8 +539,10 @@ def _make_boundary(*, name, kind, module_type, region: _Region, facts: _GraphFac
         out_cd = _output_channel_dim(out_meta, in_meta, in_cd)
         if in_meta.rank == 2 and out_meta.rank > 2:
             reason = f"output {out_meta.shape} has spatial axes its (B, C) input lacks"
-    if not reason and any(_is_inplace(n, facts) and n.args and n.args[0] is entry for n in region.nodes):
-        reason = f"modifies its input '{entry.name}' in place"
+    if not reason:
+        reason = _input_changed_in_place(region, facts)
+    if not reason and exit_.meta.get(GRAD_KEY, True) is False:
+        reason = "runs under torch.no_grad() in the model's forward, so SIM could not train it"
     return Boundary(
         name=name,
         kind=kind,
@@ -553,6 +564,19 @@ def _make_boundary(*, name, kind, module_type, region: _Region, facts: _GraphFac
         reason=reason,
         module_name=module_name,
     )
+
+
+def _input_changed_in_place(region: _Region, facts: _GraphFacts) -> str:
+    """Why SIM would read the block's input after the block changed it, or ""."""
+    entry, exit_ = region.entry, region.exit
+    lo, hi = facts.order[entry], facts.order[exit_]
+    for node in facts.nodes[lo + 1 : hi + 1]:
+        if facts.shapes.mutates(node.name, entry.name) or (
+            node in region.nodes and _is_inplace(node, facts) and node.args and node.args[0] is entry
+        ):
+            what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.name)
+            return f"modifies its input '{entry.name}' in place ({what}), so SIM would read the changed value"
+    return ""
 
 
 def _shape_problem(in_meta: TensorMeta, out_meta: TensorMeta, batch: int | None) -> str:

@@ -34,3 +34,18 @@ class SelectorError(SimfxError, ValueError):
 
 class ExampleInputsError(SimfxError, TypeError):
     """``example_inputs`` is missing or is not a tensor / tuple of arguments."""
+
+
+class FaithfulnessError(SimfxError, RuntimeError):
+    """simfx's training graph would not compute what the model computes, and simfx cannot fix it.
+
+    Raised at transform time when the check on the example inputs finds a
+    difference (output structure or values, which parameters get gradients), or
+    when tracing would lose something the model relies on; and at run time when
+    a module whose code was traced has changed since (new hooks, a different
+    train/eval mode). The message names the module or source line and the fix.
+    """
+
+
+class UnsupportedModelError(SimfxError, TypeError):
+    """The model is wrapped in a way simfx cannot transform (DDP, FSDP, TorchScript)."""

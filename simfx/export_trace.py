@@ -6,12 +6,14 @@ Hugging Face transformers) and records ATen operations with
 ``node.meta["nn_module_stack"]``, so the same boundaries stage finds module
 scopes and residual adds on its graph.
 
-The model is exported once per mode (``export`` records the mode's computation,
-like fx), functionalised (``run_decompositions({})``: in-place ops become
-out-of-place, nothing is decomposed further, so eval stays bit-exact), and the
-graph is re-rooted on a shallow copy of the user's model: every parameter and
-buffer the graph reads resolves by its original qualified name to the user's own
-tensor, so ``state_dict`` names, shared parameters and gradients are the model's.
+The model is exported once, in training mode, as export's training IR: the
+ATen operations eager PyTorch runs (in-place ones included, so BatchNorm updates
+the user's running statistics as in eager mode), with ``torch.no_grad()`` and
+``autocast`` regions kept as ``wrap_with_set_grad_enabled``/``wrap_with_autocast``
+calls. Nothing is decomposed further. The graph is re-rooted on a shallow copy
+of the user's model: every parameter and buffer the graph reads resolves by its
+original qualified name to the user's own tensor, so ``state_dict`` names,
+shared parameters and gradients are the model's.
 
 What the export path cannot do (documented in the README):
 
@@ -19,7 +21,9 @@ What the export path cannot do (documented in the README):
   ``torch.cond`` or keep such code out of the forward;
 * the graph is specialised to the example's non-batch shapes; the batch axis is
   dynamic where the model allows (``Dim.AUTO``, torch >= 2.6), else fixed too;
-* submodules are inlined, so no block is opaque and none is a ``call_module``;
+* submodules are inlined, so every block is traced (none is a module call):
+  hooks on submodules, custom ``autograd.Function`` backwards and activation
+  checkpointing cannot be kept and are refused, with the fx frontend as the fix;
 * outputs are rebuilt from export's flattened outputs with its recorded pytree
   spec (tensors, tuples, lists, dicts and registered containers such as
   transformers' ``ModelOutput``).
@@ -35,16 +39,10 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import TraceError
-from .trace import (
-    SCOPE_KEY,
-    ExampleInputs,
-    TracedModel,
-    _bound_forward_class,
-    _scope_from_module_stack,
-    fetch_attr,
-    preserved_module_state,
-)
+from .errors import FaithfulnessError, TraceError
+from .inputs import CallTemplate, ExampleInputs, bound_forward_class
+from .recorders import TraceRecorder
+from .trace import SCOPE_KEY, TracedModel, fetch_attr, has_hooks, hooks_suppressed, preserved_module_state, scope_from_module_stack
 
 __all__ = ["export_model"]
 
@@ -63,27 +61,57 @@ class OutputStructure(nn.Module):
 
 
 def export_model(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
-    """Export ``model`` in train and in eval mode; one :class:`TracedModel` over the user's modules."""
+    """Export ``model`` in training mode; one :class:`TracedModel` over the user's modules."""
+    hooked = [name or type(model).__name__ for name, m in model.named_modules() if name and has_hooks(m)]
+    if hooked:
+        raise FaithfulnessError(
+            f"the export frontend inlines every submodule, so the hooks of {', '.join(map(repr, hooked[:4]))} "
+            f"would never run in training. Use frontend='fx' (modules with hooks run as calls there), or remove "
+            f"the hooks before transforming."
+        )
     root = copy.copy(model)
     # The copy gets its own containers: attributes export needs (lifted constants,
     # the output rebuilder) must not land in the user's model.
     root._modules, root._buffers = dict(root._modules), dict(root._buffers)
-    bound = _bound_forward_class(model, inputs)
+    bound, template = bound_forward_class(model, inputs)
     if bound is not None:
         root.__class__ = bound
     args = inputs.tensors if bound is not None else tuple(inputs.args)
-    exported = []
+    names = {id(m): name for name, m in model.named_modules()}
+    names[id(root)] = ""
+    recorder = TraceRecorder(lambda: "", names)
     # export warns about tensors a forward caches on modules; preserved_module_state undoes them.
-    with preserved_module_state(model), warnings.catch_warnings():
+    with preserved_module_state(model), hooks_suppressed(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
-        for training in (True, False):
-            root.train(training)
+        root.train(True)
+        with recorder:
             program, args = _export(root, args, model)
-            exported.append(program)
+    findings = [f for f in recorder.findings]
+    if findings:
+        details = "; ".join(f.describe() for f in findings[:3])
+        raise FaithfulnessError(
+            f"torch.export would not keep what {type(model).__name__} does in training: {details}. Use "
+            f"frontend='fx', where the modules doing this run as calls of their own code."
+        )
     root.training = model.training
     constants: list[str] = []
-    graphs = [_rooted_graph(gm, root, model, mode, constants) for gm, mode in zip(exported, ("train", "eval"))]
-    return TracedModel(root, graphs[0], graphs[1], {}, tuple(constants), tuple(args), "export")
+    graph = _rooted_graph(program, root, model, "train", constants)
+    placeholders = tuple(n.name for n in graph.nodes if n.op == "placeholder")
+    return TracedModel(
+        root=root,
+        model=model,
+        graph=graph,
+        call=template or CallTemplate.plain(placeholders),
+        constants=tuple(constants),
+        inputs=tuple(args),
+        frontend="export",
+        flag_readers={name: (where, "", value) for name, (where, _, value) in recorder.flag_readers.items()},
+    )
+
+
+def _export_function():
+    # torch 2.5 exports the training IR through export_for_training; later versions through export.
+    return getattr(torch.export, "export_for_training", None) or torch.export.export
 
 
 def _export(root: nn.Module, args: tuple, model: nn.Module) -> tuple[fx.GraphModule, tuple]:
@@ -92,21 +120,23 @@ def _export(root: nn.Module, args: tuple, model: nn.Module) -> tuple[fx.GraphMod
     # export specialises a size-1 axis to 1 (0/1 specialisation), so a batch-1
     # example would give a graph that only runs at batch 1: capture a batch of two.
     wide = _batch_of_two(args) if dynamic is not None else None
+    export = _export_function()
     try:
-        try:
-            captured = wide if wide is not None else args
-            program = torch.export.export(root, captured, dynamic_shapes=dynamic, strict=False)
-        except Exception:  # noqa: BLE001 - a model that fixes its batch size exports statically
-            if dynamic is None:
-                raise
-            captured = args
-            program = torch.export.export(root, args, strict=False)
-        program = program.run_decompositions({})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # export_for_training's deprecation notice
+            try:
+                captured = wide if wide is not None else args
+                program = export(root, captured, dynamic_shapes=dynamic, strict=False)
+            except Exception:  # noqa: BLE001 - a model that fixes its batch size exports statically
+                if dynamic is None:
+                    raise
+                captured = args
+                program = export(root, args, strict=False)
     except Exception as error:  # torch.export raises many types; all mean "cannot capture"
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise TraceError(
             f"torch.export could not capture {type(model).__name__} "
-            f"({'train' if root.training else 'eval'} mode): {type(error).__name__}: {first}\n"
+            f"(train mode): {type(error).__name__}: {first}\n"
             f"Fix: data-dependent Python control flow cannot be exported; rewrite it with torch.cond or "
             f"tensor ops, or use frontend='fx' with leaf_modules=[...] for the untraceable submodules.",
             "", type(model), first,
@@ -137,7 +167,7 @@ def _rooted_graph(gm: fx.GraphModule, root: nn.Module, model: nn.Module, mode: s
     spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "out_spec", None)
 
     for node in list(graph.nodes):
-        node.meta[SCOPE_KEY] = _scope_from_module_stack(root, node)
+        node.meta[SCOPE_KEY] = scope_from_module_stack(root, node)
         if node.op not in ("get_attr", "call_module"):
             continue
         if node.op == "call_module" and not node.users and not _resolves(model, node.target):
@@ -153,7 +183,6 @@ def _rooted_graph(gm: fx.GraphModule, root: nn.Module, model: nn.Module, mode: s
         constants.append(name)
         node.target = name
 
-    _read_mutated_buffers_through_copies(graph)
     outputs = list(flat_outputs) if isinstance(flat_outputs, (tuple, list)) else [flat_outputs]
     if spec is None or spec.is_leaf():
         result = outputs[0] if spec is not None else flat_outputs
@@ -167,27 +196,6 @@ def _rooted_graph(gm: fx.GraphModule, root: nn.Module, model: nn.Module, mode: s
     graph.output(result)
     graph.lint()
     return graph
-
-
-def _read_mutated_buffers_through_copies(graph: fx.Graph) -> None:
-    """Ops read a clone of each buffer the graph later overwrites with ``copy_``.
-
-    Functionalised BatchNorm returns new running statistics that ``copy_`` writes
-    back at the end of the graph; autograd has saved the old ones for backward
-    (``native_batch_norm_backward`` takes them), so the write would fail the
-    backward's version check. Reading a copy keeps the maths and frees the buffer.
-    """
-    copy_ = torch.ops.aten.copy_.default
-    mutated = {n.args[0] for n in graph.nodes if n.op == "call_function" and n.target is copy_
-               and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"}
-    for buffer in mutated:
-        readers = [u for u in buffer.users if not (u.target is copy_ and u.args[0] is buffer)]
-        if not readers:
-            continue
-        with graph.inserting_after(buffer):
-            clone = graph.call_function(torch.ops.aten.clone.default, (buffer,))
-        for reader in readers:
-            reader.replace_input_with(buffer, clone)
 
 
 def _children(spec):

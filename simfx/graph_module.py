@@ -1,38 +1,47 @@
-"""The modules simfx emits: GraphModules with one graph per mode.
+"""The module simfx emits: a GraphModule that trains with SIM and evaluates as the model itself.
 
-fx bakes ``self.training`` into a traced graph, so a model is traced in both
-modes and the emitted :class:`DualGraphModule` keeps both: ``graph`` runs in
-training, ``eval_graph`` in eval, and ``forward`` dispatches on ``self.training``
-(``torch.compile`` guards on that flag: one compiled graph per mode).
+* **Training** runs the rewritten graph: the model's computation, with every
+  selected block that is a whole module call still a call of that module (its
+  hooks, checkpointing, grad-mode and autocast regions, train/eval flags and
+  in-place code run as in eager PyTorch), plus the reconstructors. It returns
+  ``(output, sim_loss)``.
+* **Eval** calls the user's model itself, with the same arguments, and returns
+  ``(model(...), 0)``: bit-exact by construction, hooks and all.
+* **One mode flag.** ``sim.training`` *is* the model's ``training`` flag:
+  ``sim.train()``/``sim.eval()`` call the model's own ``train()`` (a subclass
+  override that freezes BatchNorm still runs), and ``model.eval()`` on the
+  user's object switches ``sim`` too.
 
 **Shared modules, on purpose.** The emitted module holds the user's own
 submodules (the real ``layer1``, ``layer1[0]``, ...), not copies: no extra memory,
 training it trains the user's model in place, and ``state_dict()`` keeps the
-original names. The flip side: ``sim.train()``/``sim.eval()`` also switch the
-user's submodules, and moving ``sim`` to a device moves them. Pass
+original names. Moving ``sim`` to a device moves them. Pass
 ``transform(..., copy=True)`` to work on a deep copy instead.
+
+What the training graph cannot see at run time is checked when it runs:
+modules whose code was traced through (not called) must not have gained hooks
+since the transform, and modules whose traced code read ``self.training`` must
+still be in training mode; otherwise a :class:`~simfx.FaithfulnessError` says
+which module and what to do.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import linecache
-from typing import Any
+from typing import Any, Sequence
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["DualGraphModule", "SimGraphModule"]
+from .errors import FaithfulnessError
+from .inputs import CallTemplate
+from .trace import has_hooks
 
+__all__ = ["SimGraphModule"]
 
-def _compile_forward(graph: fx.Graph, tag: str):
-    code = graph.python_code(root_module="self")
-    namespace = dict(code.globals)
-    key = f"<simfx {tag} {id(graph):x}>"
-    linecache.cache[key] = (len(code.src), None, code.src.splitlines(True), key)
-    exec(compile(code.src, key, "exec"), namespace)
-    return namespace["forward"], code.src
+_MODEL = "_simfx_model"
 
 
 def _base_class(cls: type) -> type:
@@ -43,69 +52,151 @@ def _base_class(cls: type) -> type:
     return cls
 
 
-def _rebuild(cls: type) -> "DualGraphModule":
+def _rebuild(cls: type) -> "SimGraphModule":
     return cls.__new__(cls)
 
 
-class DualGraphModule(fx.GraphModule):
-    """A GraphModule that runs ``graph`` in training and ``eval_graph`` in eval mode.
+class SimGraphModule(fx.GraphModule):
+    """What :func:`simfx.transform` returns.
 
-    ``root`` provides the module tree: its children, parameters and buffers become
-    this module's own (shared, not copied), so every name in ``state_dict()`` stays
-    what it was on ``root``.
+    In training, ``forward`` returns ``(output, sim_loss)`` (plus a dict of per-block
+    losses with ``per_block=True``); in eval mode it calls the model and returns a
+    zero loss. ``graph``/``code`` are the training graph with the inserted
+    ``simfx.<block>`` nodes. ``simfx_info`` holds the plan as plain data: the chosen
+    blocks with their options, and every candidate with the decision made about it.
+    Reconstructors live under the ``simfx`` submodule.
     """
 
-    def __init__(self, root: nn.Module, graph: fx.Graph, eval_graph: fx.Graph, class_name: str | None = None):
-        super().__init__(root, graph, class_name or _base_class(type(self)).__name__)
+    simfx_info: Any
+
+    def __init__(
+        self,
+        holder: nn.Module,
+        graph: fx.Graph,
+        *,
+        model: nn.Module,
+        call: CallTemplate,
+        traced_modules: Sequence[tuple[str, nn.Module]] = (),
+        flag_readers: Sequence[tuple[str, nn.Module, str, bool]] = (),
+        block_names: Sequence[str] = (),
+        per_block: bool = False,
+    ):
+        # The dispatching forward needs the call template while fx compiles the graph;
+        # the model comes after nn.Module.__init__, whose `training = True` must not
+        # reach the user's model.
+        self.__dict__["_simfx_call"] = call
+        self.__dict__["_simfx_block_names"] = tuple(block_names)
+        self.__dict__["_simfx_per_block"] = per_block
+        super().__init__(holder, graph, "SimGraphModule")
+        self.__dict__[_MODEL] = model
         # fx copied only the attributes the graph references, into fresh container
         # modules; adopt the real tree instead so names, hooks and unused modules survive.
-        self._modules = dict(root._modules)
-        self._parameters = dict(root._parameters)
-        self._buffers = dict(root._buffers)
-        self._non_persistent_buffers_set = set(root._non_persistent_buffers_set)
-        self.training = root.training
-        self._eval_graph = eval_graph
-        self.recompile()
+        self._modules = dict(holder._modules)
+        self._parameters = dict(holder._parameters)
+        self._buffers = dict(holder._buffers)
+        self._non_persistent_buffers_set = set(holder._non_persistent_buffers_set)
+        self._simfx_traced = tuple(traced_modules)
+        self._simfx_flag_readers = tuple(flag_readers)
+
+    # --- the mode flag is the model's -------------------------------------------
 
     @property
-    def eval_graph(self) -> fx.Graph:
-        """The graph run in eval mode (the original computation)."""
-        return self._eval_graph
+    def training(self) -> bool:  # type: ignore[override]
+        model = self.__dict__.get(_MODEL)
+        return model.training if model is not None else self.__dict__.get("training", True)
 
-    @property
-    def eval_code(self) -> str:
-        """Python source generated from :attr:`eval_graph`."""
-        return self._eval_code
+    @training.setter
+    def training(self, mode: bool) -> None:
+        model = self.__dict__.get(_MODEL)
+        if model is not None:
+            model.training = mode
+        else:
+            self.__dict__["training"] = mode
+
+    def train(self, mode: bool = True) -> "SimGraphModule":
+        """Switch the model (through its own ``train``) and the reconstructors."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.__dict__[_MODEL].train(mode)
+        for name, module in self._modules.items():
+            if module is not None and name not in self.__dict__[_MODEL]._modules:
+                module.train(mode)
+        return self
+
+    def simfx_model(self) -> nn.Module:
+        """The user's model: what eval mode runs and :func:`simfx.strip` returns.
+
+        (A method, not an attribute named ``model``: that name is often a submodule
+        of the user's own, Ultralytics' ``DetectionModel.model`` for one.)
+        """
+        return self.__dict__[_MODEL]
+
+    # --- forward ------------------------------------------------------------------
 
     def recompile(self):
         result = super().recompile()
         cls = type(self)
-        train_forward = cls.forward
-        eval_graph = self.__dict__.get("_eval_graph")
-        if eval_graph is None:
-            eval_forward, self._eval_code = train_forward, self._code
-        else:
-            eval_forward, self._eval_code = _compile_forward(eval_graph, "eval")
-        cls._simfx_train_forward = train_forward
-        cls._simfx_eval_forward = eval_forward
-
-        @functools.wraps(train_forward)
-        def forward(self, *args, **kwargs):
-            if self.training:
-                return self._simfx_train_forward(*args, **kwargs)
-            return self._simfx_eval_forward(*args, **kwargs)
-
-        cls.forward = forward
+        cls._simfx_train_graph_forward = cls.forward
+        names = self._simfx_call.names
+        signature = ", ".join(names)
+        packed = f"({signature},)" if len(names) == 1 else f"({signature})"
+        source = (
+            f"def forward(self, {signature}):\n"
+            f"    if self.training:\n"
+            f"        return self._simfx_train_step({packed})\n"
+            f"    return self._simfx_eval_step({packed})\n"
+        )
+        key = f"<simfx dispatch {id(self):x}>"
+        linecache.cache[key] = (len(source), None, source.splitlines(True), key)
+        namespace: dict[str, Any] = {}
+        exec(compile(source, key, "exec"), namespace)
+        cls.forward = namespace["forward"]
         return result
 
-    # fx's own pickling and deepcopy rebuild a plain GraphModule from the train
-    # code alone; keep the class, both graphs and the full module tree instead.
+    def _simfx_train_step(self, inputs: tuple):
+        self._simfx_check_traced_modules()
+        model = self.__dict__[_MODEL]
+        if has_hooks(model) or _global_hooks():
+            return _with_root_hooks(self, model, inputs)
+        return self._simfx_train_graph_forward(*inputs)
+
+    def _simfx_eval_step(self, inputs: tuple):
+        args, kwargs = self._simfx_call.model_call(inputs)
+        output = self.__dict__[_MODEL](*args, **kwargs)
+        zero = _zero_like_first_tensor(inputs)
+        if self._simfx_per_block:
+            return output, zero, {name: zero for name in self._simfx_block_names}
+        return output, zero
+
+    def _simfx_check_traced_modules(self) -> None:
+        for name, module in self._simfx_traced:
+            if has_hooks(module):
+                raise FaithfulnessError(
+                    f"module '{name}' has hooks, registered after simfx.transform: simfx traced its code "
+                    f"into the training graph, so they would not run. Register them before transforming "
+                    f"(simfx then keeps '{name}' as one call, so they run), or pass "
+                    f"leaf_modules=['{name}'] to transform."
+                )
+        for name, module, where, traced_mode in self._simfx_flag_readers:
+            if module.training != traced_mode:
+                now, then = ("eval", "training") if traced_mode else ("training", "eval")
+                raise FaithfulnessError(
+                    f"module '{name}' is in {now} mode, but traced code read its self.training as in {then} "
+                    f"mode{f' ({where})' if where else ''} and the training graph keeps that branch. Pass "
+                    f"leaf_modules=['{name}'] to transform so it runs as one call and follows its own mode, or "
+                    f"call sim.train() before training."
+                )
+
+    # --- copying and pickling -----------------------------------------------------
+    # fx's own pickling and deepcopy rebuild a plain GraphModule from the code alone;
+    # keep the class, the model and the full module tree instead.
+
     def __reduce__(self):
         return (_rebuild, (_base_class(type(self)),), self.__getstate__())
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for generated in ("_code", "_eval_code", "_lineno_map", "_prologue_start"):
+        for generated in ("_code", "_lineno_map", "_prologue_start"):
             state.pop(generated, None)
         return state
 
@@ -114,7 +205,7 @@ class DualGraphModule(fx.GraphModule):
         graph = state.pop("_graph")
         self.__dict__.update(state)
         type(self).__name__ = _base_class(type(self)).__name__  # fx names the class in __init__
-        self.graph = graph  # the setter recompiles both forwards
+        self.graph = graph  # the setter recompiles the forward
 
     def __deepcopy__(self, memo):
         new = _rebuild(_base_class(type(self)))
@@ -127,20 +218,65 @@ class DualGraphModule(fx.GraphModule):
         new.__setstate__(self.__getstate__())
         return new
 
-
-class SimGraphModule(DualGraphModule):
-    """What :func:`simfx.transform` returns.
-
-    In training, ``forward`` returns ``(output, sim_loss)`` (plus a dict of per-block
-    losses with ``per_block=True``); in eval mode it runs the original computation
-    and returns a zero loss. ``simfx_info`` holds the plan as plain data: the
-    chosen blocks with their options, and every candidate with the decision made
-    about it. Reconstructors live under the ``simfx`` submodule.
-    """
-
-    simfx_info: Any
-
     @property
     def sim_blocks(self):
         """The planned blocks (boundary, options, submodule key), in graph order."""
         return self.simfx_info.plan.blocks
+
+
+def _zero_like_first_tensor(inputs: tuple) -> torch.Tensor:
+    for value in inputs:
+        if isinstance(value, torch.Tensor):
+            return value.new_zeros((), dtype=torch.float32)
+    return torch.zeros((), dtype=torch.float32)
+
+
+def _global_hooks() -> bool:
+    module = torch.nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+def _with_root_hooks(sim: SimGraphModule, model: nn.Module, inputs: tuple):
+    """The training graph wrapped in the model's own forward hooks, as ``model(...)`` would run them.
+
+    Pre-hooks see and may replace the model's arguments; forward hooks see and may
+    replace its output (not the SIM loss). Backward hooks on the model itself
+    cannot wrap a graph that also returns the loss, and are refused.
+    """
+    if model._backward_hooks or getattr(model, "_backward_pre_hooks", None):
+        raise FaithfulnessError(
+            f"{type(model).__name__} has backward hooks on the model itself; simfx cannot run them around its "
+            f"training graph. Register them on a submodule, or on the transformed module."
+        )
+    module = torch.nn.modules.module
+    args, kwargs = sim._simfx_call.model_call(inputs)
+    for hook_id, hook in (*module._global_forward_pre_hooks.items(), *model._forward_pre_hooks.items()):
+        if hook_id in model._forward_pre_hooks_with_kwargs:
+            result = hook(model, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        f"forward pre-hook must return None or a tuple of (new_args, new_kwargs), but got {result}."
+                    )
+                args, kwargs = result
+        else:
+            result = hook(model, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    inputs_now = sim._simfx_call.inputs_of(tuple(args), kwargs)
+    if inputs_now is None:
+        raise FaithfulnessError(
+            f"a forward pre-hook of {type(model).__name__} changed the model's non-tensor arguments or their "
+            f"number; simfx's training graph was traced with the example's. Transform with example inputs "
+            f"shaped like what the hook passes on."
+        )
+    outputs = sim._simfx_train_graph_forward(*inputs_now)
+    output = outputs[0]
+    for hook_id, hook in (*module._global_forward_hooks.items(), *model._forward_hooks.items()):
+        if hook_id in model._forward_hooks_with_kwargs:
+            result = hook(model, args, kwargs, output)
+        else:
+            result = hook(model, args, output)
+        if result is not None:
+            output = result
+    return (output, *outputs[1:])

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from .graph_module import SimGraphModule
-from .rewrite import BOUNDARY, INSERTED, _without_sim
+from .rewrite import BOUNDARY, INSERTED, plain_graph
 from .shapes import TensorMeta, propagate_shapes
 from .trace import SCOPE_KEY
 
@@ -44,7 +44,7 @@ def node_shapes(gm: fx.GraphModule, example_inputs: Any = None) -> dict[str, tup
     if inputs is None:
         return {}
     try:
-        metas = propagate_shapes(gm.graph, gm, inputs)
+        metas = propagate_shapes(gm.graph, gm, inputs).metas
     except Exception:  # a picture or a graph without shapes beats no answer at all
         return {}
     return {name: _plain_shape(meta) for name, meta in metas.items()}
@@ -142,7 +142,7 @@ def graph_diff(sim: nn.Module) -> GraphDiff:
     """
     if not isinstance(sim, SimGraphModule):
         raise TypeError(f"graph_diff expects the module simfx.transform returned, got {type(sim).__name__}.")
-    before = _edges(_without_sim(sim.graph))
+    before = _edges(plain_graph(sim.graph))
     after = _edges(sim.graph)
     order = {n.name: i for i, n in enumerate(sim.graph.nodes)}
 

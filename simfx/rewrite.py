@@ -1,16 +1,24 @@
-"""Stage 5 — rewrite: the plan becomes a new GraphModule returning ``(output, sim_loss)``.
+"""Stage 5 — rewrite: the plan becomes a new GraphModule returning ``(output, sim_loss)`` in training.
 
-For each planned block one ``call_module`` node ``simfx.<key>(x, y)`` is inserted
-right after the block's output ``y`` (so the sampled tokens are taken while ``y``
-is fresh, before any later in-place op). One ``aggregate_losses`` node before the
-output combines them (:func:`simfx.monitor.aggregate_losses`, which in eager mode
-also warns about blocks whose loss was not finite and was skipped), and the
-output becomes ``(output, sim_loss)`` — or ``(output, sim_loss, {name: loss})``
-with ``per_block=True``. The eval graph stays the original computation and
-returns a zero loss.
+The training graph is the traced graph with three changes:
 
-Inserted nodes carry ``node.meta["simfx_inserted"] = True`` and the boundary
-name, which is how :func:`strip` and the inspection tools find them.
+1. every chosen block that is one whole module call becomes a call of that
+   module again (:mod:`simfx.collapse`);
+2. for each planned block one ``call_module`` node ``simfx.<key>(x, y)`` is
+   inserted right after the block's output ``y`` (so the sampled tokens are
+   taken while ``y`` is fresh, before any later in-place op); one
+   ``aggregate_losses`` node before the output combines them
+   (:func:`simfx.monitor.aggregate_losses`, which in eager mode also warns about
+   blocks whose loss was not finite and was skipped), and the output becomes
+   ``(output, sim_loss)`` — or ``(output, sim_loss, {name: loss})`` with
+   ``per_block=True``;
+3. where the model's traced code switched grad mode (``torch.no_grad()``,
+   ``set_grad_enabled``), explicit ``torch._C._set_grad_enabled`` nodes switch it
+   at the same places (restoring the caller's mode after each region).
+
+Eval mode runs the model itself (:mod:`simfx.graph_module`). Inserted nodes carry
+``node.meta["simfx_inserted"] = True`` and the boundary name, which is how the
+inspection tools and :func:`plain_graph` find them.
 """
 
 from __future__ import annotations
@@ -22,15 +30,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .boundaries import Boundary
-from .graph_module import DualGraphModule, SimGraphModule
 from . import monitor
+from .boundaries import Boundary
+from .collapse import collapse_calls
+from .graph_module import SimGraphModule
 from .objectives import BoundaryObjective, build_objective, get_objective
 from .select import Plan, PlannedBlock
-from .shapes import TensorMeta
-from .trace import TracedModel, _copy_graph
+from .trace import GRAD_KEY, SCOPE_KEY, ScopeFrame, TracedModel, copy_graph
 
-__all__ = ["SimInfo", "NAMESPACE", "rewrite", "strip", "original_state_dict"]
+__all__ = ["SimInfo", "NAMESPACE", "rewrite", "strip", "original_state_dict", "plain_graph", "collapsible_frames"]
 
 NAMESPACE = "simfx"
 INSERTED = "simfx_inserted"
@@ -39,7 +47,14 @@ BOUNDARY = "simfx_boundary"
 
 @dataclass(frozen=True)
 class SimInfo:
-    """Plain-data record of a transform, kept on the module as ``simfx_info``."""
+    """Plain-data record of a transform, kept on the module as ``simfx_info``.
+
+    ``calls`` names the blocks that run as calls of their module in the training
+    graph; ``traced`` the modules whose code was traced into it. ``nodes`` maps each
+    block to the names of its input, output and loss nodes in ``sim.graph``.
+    ``check`` says what the transform-time check found (``"passed"``, or why it was
+    skipped).
+    """
 
     plan: Plan
     candidates: tuple[Boundary, ...]
@@ -47,24 +62,30 @@ class SimInfo:
     example_shapes: tuple[tuple[int, ...] | None, ...] = ()
     per_block: bool = False
     frontend: str = "fx"
+    calls: tuple[str, ...] = ()
+    traced: tuple[str, ...] = ()
+    nodes: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
+    check: str = "not run"
 
 
 def rewrite(
     traced: TracedModel,
     plan: Plan,
-    metas: Mapping[str, Any],
     *,
     candidates: Sequence[Boundary] = (),
-    example_inputs: Sequence[Any] = (),
     per_block: bool = False,
 ) -> SimGraphModule:
+    """The training graph for ``plan`` over ``traced``, wrapped in a :class:`SimGraphModule`."""
     if NAMESPACE in traced.root._modules:
         raise ValueError(
             f"the model already has a submodule named '{NAMESPACE}' (is it a simfx-transformed module?); "
             f"call simfx.strip(module) first, or rename that submodule."
         )
-    train_graph = _copy_graph(traced.train_graph)
-    nodes = {n.name: n for n in train_graph.nodes}
+    graph = copy_graph(traced.graph)
+    renamed, collapsed = collapse_calls(graph, traced.calls, collapsible_frames(traced, plan))
+    nodes = {n.name: n for n in graph.nodes}
+    standing_for = {frame.key: names for frame, names in collapsed.items()}
+    block_nodes: dict[str, tuple[str, str, str]] = {}
     heads = nn.ModuleDict()
     losses: list[fx.Node] = []
     weights: list[float] = []
@@ -74,50 +95,124 @@ def rewrite(
     for block in plan.blocks:
         heads[block.key] = _build_head(block, device)
         boundary = block.boundary
-        x, y = nodes[boundary.entry], nodes[boundary.exit]
-        with train_graph.inserting_after(y):
-            loss = train_graph.call_module(f"{NAMESPACE}.{block.key}", (x, y))
-        loss.meta[INSERTED] = True
-        loss.meta[BOUNDARY] = boundary.name
+        x = nodes[renamed.get(boundary.entry, boundary.entry)]
+        y = nodes[renamed.get(boundary.exit, boundary.exit)]
+        with graph.inserting_after(y):
+            loss = graph.call_module(f"{NAMESPACE}.{block.key}", (x, y))
+        _mark(loss, boundary.name, y)
         losses.append(loss)
         weights.append(float(block.options.beta))
-        for name in boundary.nodes:
-            nodes[name].meta.setdefault(BOUNDARY, boundary.name)
+        block_nodes[boundary.name] = (x.name, y.name, loss.name)
+        for name in (*boundary.nodes, *standing_for.get(boundary.name, ())):
+            node = nodes.get(renamed.get(name, name))
+            if node is not None:
+                node.meta.setdefault(BOUNDARY, boundary.name)
 
-    output = _output_node(train_graph)
+    output = _output_node(graph)
     result = output.args[0]
-    with train_graph.inserting_before(output):
+    with graph.inserting_before(output):
         # The monitor's aggregate: same maths, plus (eager only) a warning naming skipped blocks.
         names = tuple(b.name for b in plan.blocks)
-        total = train_graph.call_function(monitor.aggregate_losses, (tuple(losses), tuple(weights), names))
+        total = graph.call_function(monitor.aggregate_losses, (tuple(losses), tuple(weights), names))
     total.meta[INSERTED] = True
+    total.meta[GRAD_KEY] = True
     per_block_losses = {b.name: n for b, n in zip(plan.blocks, losses)}
     output.args = ((result, total, per_block_losses) if per_block else (result, total),)
-    train_graph.lint()
-
-    eval_graph = _copy_graph(traced.eval_graph)
-    eval_output = _output_node(eval_graph)
-    with eval_graph.inserting_before(eval_output):
-        zero = _zero_node(eval_graph, metas)
-    zero.meta[INSERTED] = True
-    eval_result = eval_output.args[0]
-    eval_output.args = (
-        (eval_result, zero, {b.name: zero for b in plan.blocks}) if per_block else (eval_result, zero),
-    )
-    eval_graph.lint()
+    _switch_grad_mode_as_traced(graph)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)  # read only by code that now runs inside a module call
+    graph.lint()
 
     holder = _module_tree(traced)
     holder._modules[NAMESPACE] = heads
-    sim = SimGraphModule(holder, train_graph, eval_graph)
+    traced_frames = _traced_frames(graph)
+    model_modules = dict(traced.model.named_modules())
+    sim = SimGraphModule(
+        holder,
+        graph,
+        model=traced.model,
+        call=traced.call,
+        traced_modules=[(name, model_modules[name]) for name in traced_frames if name in model_modules and name],
+        flag_readers=[
+            (name, model_modules[name], where, value)
+            for name, (where, reader, value) in traced.flag_readers.items()
+            if name in model_modules and name and reader in traced_frames
+        ],
+        block_names=[b.name for b in plan.blocks],
+        per_block=per_block,
+    )
     sim.simfx_info = SimInfo(
         plan=plan,
         candidates=tuple(candidates),
         opaque=dict(traced.opaque),
-        example_shapes=tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in example_inputs),
+        example_shapes=tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in traced.inputs),
         per_block=per_block,
         frontend=traced.frontend,
+        calls=tuple(sorted(frame.key for frame in collapsed)),
+        traced=tuple(sorted(traced_frames)),
+        nodes=block_nodes,
     )
     return sim
+
+
+def collapsible_frames(traced: TracedModel, plan: Plan) -> list[ScopeFrame]:
+    """Frames of planned module blocks that contain no other planned boundary."""
+    by_key = {frame.key: frame for frame in traced.calls}
+    planned_nodes = [set(b.boundary.nodes) for b in plan.blocks]
+    frames = []
+    for block, nodes in zip(plan.blocks, planned_nodes):
+        frame = by_key.get(block.name) if block.boundary.kind == "module" else None
+        if frame is None:
+            continue
+        if any(other is not nodes and other <= nodes for other in planned_nodes):
+            continue  # another planned block lies inside: keep this one traced
+        frames.append(frame)
+    return frames
+
+
+def _mark(node: fx.Node, boundary: str, anchor: fx.Node) -> None:
+    node.meta[INSERTED] = True
+    node.meta[BOUNDARY] = boundary
+    node.meta[SCOPE_KEY] = anchor.meta.get(SCOPE_KEY, ())
+    node.meta[GRAD_KEY] = anchor.meta.get(GRAD_KEY, True)
+
+
+def _switch_grad_mode_as_traced(graph: fx.Graph) -> None:
+    """Insert grad-mode switches where the traced code ran under another grad mode than its caller.
+
+    The trace ran with gradients enabled, so a node stamped ``False`` was recorded
+    inside ``torch.no_grad()`` (or ``set_grad_enabled(False)``). Each such region
+    switches gradients off on entry and back to the caller's mode (read once, at
+    the start of the forward) on exit.
+    """
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    if all(n.meta.get(GRAD_KEY, True) for n in nodes):
+        return
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        caller_mode = graph.call_function(torch.is_grad_enabled, ())
+    enabled = True
+    for node in [*nodes, _output_node(graph)]:
+        wanted = node.meta.get(GRAD_KEY, True) if node.op != "output" else True
+        if wanted == enabled:
+            continue
+        with graph.inserting_before(node):
+            graph.call_function(torch._C._set_grad_enabled, (False if not wanted else caller_mode,))
+        enabled = wanted
+
+
+def _traced_frames(graph: fx.Graph) -> set[str]:
+    """Modules whose own code the graph runs (not as a call): the root and every traced-through scope."""
+    names = {""}
+    for node in graph.nodes:
+        if node.meta.get(INSERTED):
+            continue
+        scope = node.meta.get(SCOPE_KEY, ())
+        if node.op == "call_module":
+            scope = scope[:-1]  # the called module itself runs its own code
+        names.update(frame.name for frame in scope)
+    return names
 
 
 def _build_head(block: PlannedBlock, device: torch.device | None) -> BoundaryObjective:
@@ -162,16 +257,8 @@ def _output_node(graph: fx.Graph) -> fx.Node:
     return next(n for n in reversed(graph.nodes) if n.op == "output")
 
 
-def _zero_node(graph: fx.Graph, metas: Mapping[str, Any]) -> fx.Node:
-    """A float32 scalar zero on the device of the first tensor input."""
-    for node in graph.nodes:
-        if node.op == "placeholder" and isinstance(metas.get(node.name), TensorMeta):
-            return graph.call_method("new_zeros", (node, ()), {"dtype": torch.float32})
-    return graph.call_function(torch.zeros, ((),), {"dtype": torch.float32})
-
-
 def _module_tree(traced: TracedModel) -> nn.Module:
-    """A holder with the user's children, parameters and buffers, plus fx's tensor constants."""
+    """A holder with the user's children, parameters and buffers, plus the tracer's tensor constants."""
     root = traced.root
     holder = nn.Module()
     holder._modules = dict(root._modules)
@@ -181,46 +268,19 @@ def _module_tree(traced: TracedModel) -> nn.Module:
     for name in traced.constants:
         value = getattr(root, name)
         if isinstance(value, torch.Tensor):
-            # Constants fx had to store are not model state: keep them out of state_dict().
+            # Constants the tracer had to store are not model state: keep them out of state_dict().
             holder.register_buffer(name, value, persistent=False)
         else:
             setattr(holder, name, value)
-    holder.training = root.training
     return holder
 
 
-# --- strip --------------------------------------------------------------------
+# --- the model without SIM ------------------------------------------------------
 
 
-def strip(sim: nn.Module) -> DualGraphModule:
-    """The transformed module without SIM: same parameters (shared), plain forward.
-
-    The result runs the original train graph in training and the original eval
-    graph in eval mode, returns only the model's output, and its ``state_dict()``
-    loads into the original architecture with ``strict=True``.
-
-    >>> import torch, torchvision, simfx
-    >>> model = torchvision.models.resnet18(num_classes=10)
-    >>> sim = simfx.transform(model, torch.randn(2, 3, 64, 64))
-    >>> plain = simfx.strip(sim)
-    >>> _ = torchvision.models.resnet18(num_classes=10).load_state_dict(plain.state_dict())
-    """
-    if not isinstance(sim, SimGraphModule):
-        raise TypeError(
-            f"simfx.strip expects a module returned by simfx.transform, got {type(sim).__name__}."
-        )
-    graphs = [_without_sim(sim.graph), _without_sim(sim.eval_graph)]
-    holder = nn.Module()
-    holder._modules = {k: v for k, v in sim._modules.items() if k != NAMESPACE}
-    holder._parameters = dict(sim._parameters)
-    holder._buffers = dict(sim._buffers)
-    holder._non_persistent_buffers_set = set(sim._non_persistent_buffers_set)
-    holder.training = sim.training
-    return DualGraphModule(holder, graphs[0], graphs[1])
-
-
-def _without_sim(graph: fx.Graph) -> fx.Graph:
-    graph = _copy_graph(graph)
+def plain_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of a training graph without the nodes simfx inserted: the model's own training computation."""
+    graph = copy_graph(graph)
     output = _output_node(graph)
     output.args = (output.args[0][0],)
     for node in reversed(list(graph.nodes)):
@@ -228,6 +288,25 @@ def _without_sim(graph: fx.Graph) -> fx.Graph:
             graph.erase_node(node)
     graph.lint()
     return graph
+
+
+def strip(sim: nn.Module) -> nn.Module:
+    """The model without SIM: the user's model itself (the copy, with ``transform(copy=True)``).
+
+    Its parameters are the ones ``sim`` trained, its forward is its own, and its
+    ``state_dict()`` loads into the original architecture with ``strict=True``.
+
+    >>> import torch, torchvision, simfx
+    >>> model = torchvision.models.resnet18(num_classes=10)
+    >>> sim = simfx.transform(model, torch.randn(2, 3, 64, 64))
+    >>> simfx.strip(sim) is model
+    True
+    """
+    if not isinstance(sim, SimGraphModule):
+        raise TypeError(
+            f"simfx.strip expects a module returned by simfx.transform, got {type(sim).__name__}."
+        )
+    return sim.simfx_model()
 
 
 def original_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,10 @@ real run on a deep copy of the model in ``no_grad`` mode.
 Besides shapes, the pass infers where each activation keeps its channels:
 weight layers fix it (convolutions and batch/group norms: axis 1; linear and
 layer norms: the last axis), layout ops move it (``permute``, ``transpose``,
-``flatten``) and shape-preserving ops pass it on.
+``flatten``) and shape-preserving ops pass it on. It also records which nodes
+modify a value in place (by its version counter, so ``torch.relu_(x)``,
+``x[:, :4] = 0`` and a module's in-place first layer all count) and the
+tuple/list structure of what each opaque module returns.
 """
 
 from __future__ import annotations
@@ -17,19 +20,20 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.interpreter import Interpreter
 
 from .errors import ExampleInputsError
-from .trace import preserved_module_state
+from .trace import hooks_suppressed, preserved_module_state
 
-__all__ = ["TensorMeta", "propagate_shapes"]
+__all__ = ["TensorMeta", "GraphShapes", "propagate_shapes"]
 
 log = logging.getLogger("simfx")
 
@@ -48,22 +52,43 @@ class TensorMeta:
         return len(self.shape)
 
 
+@dataclass
+class GraphShapes:
+    """What the shape pass found, by node name.
+
+    ``metas``: :class:`TensorMeta` for tensor values, tuples of them (None for a
+    non-tensor element) for tuple and list values; nodes producing anything else
+    (ints, shapes, None) are absent. ``storage``: an identity of each tensor
+    value's storage (views share it). ``mutated``: the storages each node changed
+    in place. ``leaf_structures``: for opaque modules (``call_module`` targets)
+    returning a tuple or list, its structure (see ``simfx.trace.LeafStructure``).
+    """
+
+    metas: dict[str, Any] = field(default_factory=dict)
+    storage: dict[str, int] = field(default_factory=dict)
+    mutated: dict[str, frozenset[int]] = field(default_factory=dict)
+    leaf_structures: dict[str, Any] = field(default_factory=dict)
+
+    def mutates(self, node_name: str, value_name: str) -> bool:
+        """Node ``node_name`` changed the storage of value ``value_name`` (or of a view of it) in place."""
+        key = self.storage.get(value_name)
+        return key is not None and key in self.mutated.get(node_name, ())
+
+
 def propagate_shapes(
     graph: fx.Graph,
     root: nn.Module,
     example_inputs: Sequence[Any],
-) -> dict[str, TensorMeta | tuple]:
-    """Map node names to :class:`TensorMeta` (tensors) or tuples of them (tuple outputs).
-
-    Nodes producing anything else (ints, shapes, None) are absent from the result.
-    """
+) -> GraphShapes:
+    """Run ``graph`` on fake tensors and describe every value (see :class:`GraphShapes`)."""
     try:
-        with preserved_module_state(root):
+        with preserved_module_state(root), hooks_suppressed(root):
             return _fake_run(graph, root, example_inputs)
     except Exception as error:  # fake tensors refuse data-dependent ops, among others
         log.info("fake-tensor shape pass failed (%s); using one real run on a copy", error)
     try:
-        return _real_run(graph, root, example_inputs)
+        with hooks_suppressed(root):
+            return _real_run(graph, root, example_inputs)
     except Exception as failure:  # the example does not fit the model: say so plainly
         error, where = (failure.error, f" at {failure.where}") if isinstance(failure, _NodeFailed) else (failure, "")
         described = ", ".join(
@@ -91,18 +116,29 @@ class _NodeFailed(Exception):
 class _ShapeRecorder(Interpreter):
     def __init__(self, root: nn.Module, graph: fx.Graph):
         super().__init__(root, garbage_collect_values=True, graph=graph)
-        self.metas: dict[str, TensorMeta | tuple] = {}
+        self.shapes = GraphShapes()
 
     def run_node(self, node: fx.Node) -> Any:
+        inputs = [t for n in node.all_input_nodes for t in _tensors(self.env.get(n))]
+        versions = [(t, t._version) for t in inputs]
         try:
             result = super().run_node(node)
         except _NodeFailed:
             raise
         except Exception as error:
             raise _NodeFailed(node, error) from error
-        meta = _describe(result, node, self.metas, self.module)
+        changed = frozenset(_storage_key(t) for t, version in versions if t._version != version) - {None}
+        if changed:
+            self.shapes.mutated[node.name] = changed
+        meta = _describe(result, node, self.shapes.metas, self.module)
         if meta is not None:
-            self.metas[node.name] = meta
+            self.shapes.metas[node.name] = meta
+        if isinstance(result, torch.Tensor):
+            key = _storage_key(result)
+            if key is not None:
+                self.shapes.storage[node.name] = key
+        if node.op == "call_module" and isinstance(result, (tuple, list)):
+            self.shapes.leaf_structures[node.target] = leaf_structure(result)
         return result
 
     def fetch_args_kwargs_from_env(self, node: fx.Node) -> tuple[tuple, dict]:
@@ -114,13 +150,50 @@ class _ShapeRecorder(Interpreter):
 
 
 def _mutable(value: Any) -> Any:
-    if isinstance(value, list):
+    # Only fx's own immutable containers (and plain builtins holding them) are
+    # rebuilt: a dict subclass (Hugging Face's ModelOutput) keeps its type.
+    if type(value) in (list, immutable_list):
         return [_mutable(v) for v in value]
-    if isinstance(value, tuple) and type(value) is tuple:
+    if type(value) is tuple:
         return tuple(_mutable(v) for v in value)
-    if isinstance(value, dict):
+    if type(value) in (dict, immutable_dict):
         return {k: _mutable(v) for k, v in value.items()}
     return value
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    """An identity of ``t``'s storage, shared by its views (None for tensors without one)."""
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+
+
+def leaf_structure(value: Any) -> Any:
+    """The tuple/list structure of an opaque module's result: ``(kind, elements)``.
+
+    Each element is None (a tensor, traced as ``proxy[i]``), ``("constant", v)`` for
+    None, numbers and strings, or a nested structure.
+    """
+    elements = []
+    for item in value:
+        if isinstance(item, (tuple, list)) and type(item) in (tuple, list):
+            elements.append(leaf_structure(item))
+        elif item is None or isinstance(item, (bool, int, float, str)):
+            elements.append(("constant", item))
+        else:
+            elements.append(None)
+    return ("tuple" if isinstance(value, tuple) else "list", elements)
 
 
 class _Runner(nn.Module):
@@ -134,7 +207,7 @@ class _Runner(nn.Module):
     def forward(self, *inputs):
         recorder = _ShapeRecorder(self.root, self.graph_to_run)
         recorder.run(*inputs)
-        return recorder.metas
+        return recorder.shapes
 
 
 def _fake_run(graph, root, example_inputs):
@@ -232,8 +305,16 @@ def _describe(result: Any, node: fx.Node, metas: Mapping[str, Any], root: nn.Mod
         shape = tuple(int(s) for s in result.shape)
         channel_dim = _channel_dim(node, shape, metas, root)
         return TensorMeta(shape, result.dtype, str(result.device), channel_dim)
-    if isinstance(result, (tuple, list)) and result and all(isinstance(r, torch.Tensor) for r in result):
-        return tuple(TensorMeta(tuple(int(s) for s in r.shape), r.dtype, str(r.device)) for r in result)
+    if isinstance(result, (tuple, list)) and type(result) in (tuple, list) and _tensors(result):
+        return tuple(_describe_element(r) for r in result)
+    return None
+
+
+def _describe_element(value: Any):
+    if isinstance(value, torch.Tensor):
+        return TensorMeta(tuple(int(s) for s in value.shape), value.dtype, str(value.device))
+    if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
+        return tuple(_describe_element(v) for v in value)
     return None
 
 

@@ -1,28 +1,34 @@
-"""Stage 1 — trace: a model becomes a train graph and an eval graph.
+"""Stage 1 — trace: a model becomes a training-mode graph, plus what the trace saw.
 
-torch.fx bakes ``self.training`` into the graph (``F.dropout(x, p, self.training)``
-records a constant), so the model is traced once in each mode. Every node is
-stamped with the module calls it was recorded inside (``node.meta["simfx_scope"]``),
-which is how the boundaries stage finds module scopes, including repeated calls
-of one module.
+The graph is traced once, with the model in training mode (eval mode runs the
+model's own forward, so it needs no graph). Every node is stamped with the
+module calls it was recorded inside (``node.meta["simfx_scope"]``) and with the
+grad mode it ran under (``node.meta["simfx_grad_enabled"]``), and every
+traced-through module call is recorded as a :class:`ModuleCall` (its arguments
+and where each value it returned went), so the rewrite can turn a chosen block
+back into one call of the real module.
 
-Library code fx cannot trace is kept opaque through two small registries, in the
-manner of timm's ``layers/_fx.py``::
+Modules fx must not trace through are kept opaque, as one ``call_module`` node
+that runs the real module: torch.nn's own layers, classes and names registered
+as leaves (in the manner of timm's ``layers/_fx.py``)::
 
     simfx.register_leaf_module(MyUntraceableBlock)     # one call_module node
     simfx.register_autowrap_function(my_helper)        # one call_function node
 
-or per call with ``transform(..., leaf_modules=[...], autowrap_functions=[...])``.
+or per call with ``transform(..., leaf_modules=[...], autowrap_functions=[...])``,
+and every module that has hooks, so its hooks run as they do in eager PyTorch.
+A leaf whose output is a tuple or list is traced as that structure (its element
+proxies), so ``isinstance(out, tuple)`` and unpacking behave as in eager code.
+
 The user's model is never modified: tracing runs on a shallow copy of the root
-(fx stores tensor constants on the traced root) and module train/eval flags are
-restored afterwards.
+(fx stores tensor constants on the traced root) and module attributes and
+train/eval flags are restored afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -33,17 +39,21 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import TraceError
+from .inputs import CallTemplate, ExampleInputs, bound_forward_class
+from .recorders import Finding, TraceRecorder
 
 __all__ = [
-    "ExampleInputs",
     "ScopeFrame",
+    "ModuleCall",
     "TracedModel",
     "register_leaf_module",
     "register_autowrap_function",
     "trace_model",
+    "has_hooks",
 ]
 
 SCOPE_KEY = "simfx_scope"
+GRAD_KEY = "simfx_grad_enabled"
 
 _LEAF_MODULES: set[type] = set()
 _AUTOWRAP_FUNCTIONS: set[Callable[..., Any]] = set()
@@ -96,6 +106,14 @@ def add_registration_hook(hook: Callable[[], None]) -> None:
     _REGISTRATION_HOOKS.append(hook)
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """The module has forward, forward-pre or backward hooks of its own (which a trace would not run)."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or getattr(module, "_backward_pre_hooks", None)
+    )
+
+
 class ScopeFrame(NamedTuple):
     """One module call a node was recorded inside: qualified name, class, call number."""
 
@@ -109,59 +127,109 @@ class ScopeFrame(NamedTuple):
         return self.name if self.call == 0 else f"{self.name}@{self.call}"
 
 
+@dataclass(frozen=True)
+class ModuleCall:
+    """One traced-through module call, as graph arguments: enough to call the module again as one node.
+
+    ``args``/``kwargs`` are fx arguments (nodes and constants). ``outputs`` maps the
+    name of each node the call returned to its access path in the result: a tuple
+    of ``("item", key)``/``("attr", name)`` steps (empty: the result itself).
+    ``grad_enabled`` is the grad mode the call ran under.
+    """
+
+    frame: ScopeFrame
+    args: tuple
+    kwargs: Mapping[str, Any]
+    outputs: Mapping[str, tuple]
+    grad_enabled: bool
+
+
 @dataclass
 class TracedModel:
-    """What tracing produced: two graphs over one root module.
+    """What capture produced: the training graph over one root module, and what the trace saw.
 
-    ``root`` holds every attribute the graphs reference (the user's submodules,
-    plus any tensor constants fx had to store). ``opaque`` maps the qualified
-    names of modules kept opaque to the reason (a leaf registration, or
-    ``"made opaque: <trace error>"``). ``inputs`` are the example values in the
-    graphs' placeholder order; ``frontend`` is ``"fx"`` or ``"export"``.
+    ``root`` holds every attribute the graph references (the user's submodules,
+    plus any tensor constants the tracer had to store); ``model`` is the user's
+    own module (what eval mode runs). ``opaque`` maps the qualified names of
+    modules kept opaque to the reason. ``inputs`` are the example values in the
+    graph's placeholder order and ``call`` turns them back into the model's call.
+    ``untraceable`` names the modules kept opaque because fx failed inside them.
+    ``calls`` are the traced-through module calls; ``flag_readers`` maps each module
+    whose ``training`` flag traced code read to (where, the module whose code read
+    it, the value it read); ``findings`` what the trace could
+    not keep (see :mod:`simfx.recorders`). ``frontend`` is ``"fx"`` or ``"export"``.
     """
 
     root: nn.Module
-    train_graph: fx.Graph
-    eval_graph: fx.Graph
+    model: nn.Module
+    graph: fx.Graph
+    call: CallTemplate
     opaque: dict[str, str] = field(default_factory=dict)
     constants: tuple[str, ...] = ()
     inputs: tuple = ()
     frontend: str = "fx"
+    calls: dict[ScopeFrame, ModuleCall] = field(default_factory=dict)
+    flag_readers: dict[str, tuple[str, str, bool]] = field(default_factory=dict)
+    findings: tuple[Finding, ...] = ()
+    untraceable: tuple[str, ...] = ()
+
+
+# How an opaque module's output is traced: None for one proxy, else the structure
+# of its tuple/list result (element i: None for a proxy[i], or ("constant", value)).
+LeafStructure = Any
 
 
 class _ScopeTracer(fx.Tracer):
-    """fx.Tracer that stamps nodes with their module-call scope and honours leaf registries."""
+    """fx.Tracer that stamps scopes and grad modes, records module calls and honours leaf registries."""
 
     def __init__(
         self,
         leaf_types: Iterable[type] = (),
         leaf_names: Iterable[str] = (),
         autowrap_functions: Iterable[Callable[..., Any]] = (),
+        leaf_structures: Mapping[str, LeafStructure] | None = None,
+        leaf_reasons: Mapping[str, str] | None = None,
     ):
         super().__init__(autowrap_functions=tuple(autowrap_functions))
         self._leaf_types = tuple(leaf_types)
         self._leaf_names = frozenset(leaf_names)
+        self._leaf_reasons = dict(leaf_reasons or {})
+        self._leaf_structures = dict(leaf_structures or {})
         self._scope: list[ScopeFrame] = []
         self._calls: dict[str, int] = {}
         self.opaque: dict[str, str] = {}
+        self.module_calls: dict[ScopeFrame, ModuleCall] = {}
         self.failure_scope: tuple[ScopeFrame, ...] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names:
-            self.opaque[module_qualified_name] = "listed in leaf_modules"
+            reason = self._leaf_reasons.get(module_qualified_name, "listed in leaf_modules")
+            self.opaque.setdefault(module_qualified_name, reason)
             return True
         if self._leaf_types and isinstance(m, self._leaf_types):
             self.opaque[module_qualified_name] = f"{type(m).__name__} is a registered leaf module"
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        if super().is_leaf_module(m, module_qualified_name):
+            return True
+        if has_hooks(m):
+            self.opaque[module_qualified_name] = "has hooks (kept as one call, so they run)"
+            return True
+        return False
 
     def call_module(self, m, forward, args, kwargs):
         name = self.path_of_module(m)
         call = self._calls.get(name, 0)
         self._calls[name] = call + 1
-        self._scope.append(ScopeFrame(name, type(m), call))
+        frame = ScopeFrame(name, type(m), call)
+        self._scope.append(frame)
+        grad_enabled = torch.is_grad_enabled()
         try:
-            return super().call_module(m, forward, args, kwargs)
+            result = super().call_module(m, forward, args, kwargs)
+            if isinstance(result, fx.Proxy) and name in self._leaf_structures:
+                return _structured(result, self._leaf_structures[name])
+            if not self.is_leaf_module(m, name):
+                self._record_call(frame, args, kwargs, result, grad_enabled)
+            return result
         except BaseException:
             if self.failure_scope is None:
                 self.failure_scope = tuple(self._scope)
@@ -169,29 +237,48 @@ class _ScopeTracer(fx.Tracer):
         finally:
             self._scope.pop()
 
+    def _record_call(self, frame, args, kwargs, result, grad_enabled) -> None:
+        try:
+            arguments = self.create_arg((tuple(args), dict(kwargs)))
+        except (NotImplementedError, TypeError, ValueError, AttributeError):
+            return  # an argument fx cannot represent: this call stays traced
+        outputs = dict(_proxy_paths(result))
+        if outputs:
+            self.module_calls[frame] = ModuleCall(frame, arguments[0], arguments[1], outputs, grad_enabled)
+
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
         node.meta[SCOPE_KEY] = tuple(self._scope)
+        node.meta[GRAD_KEY] = torch.is_grad_enabled()
         return node
 
+    def innermost_module(self) -> str:
+        return self._scope[-1].name if self._scope else ""
 
-@dataclass(frozen=True)
-class ExampleInputs:
-    """The example call: positional and keyword arguments of the model's forward.
 
-    Tensors become graph inputs (placeholders); every other value is bound into
-    the trace as a constant, like a default argument.
-    """
+def _structured(proxy: fx.Proxy, structure: LeafStructure) -> Any:
+    kind, elements = structure
+    items = []
+    for i, element in enumerate(elements):
+        if element is None:
+            items.append(proxy[i])
+        elif element[0] == "constant":
+            items.append(element[1])
+        else:
+            items.append(_structured(proxy[i], element))
+    return tuple(items) if kind == "tuple" else list(items)
 
-    args: tuple = ()
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The graph's inputs in placeholder order: tensor arguments, then tensor keywords."""
-        return tuple(a for a in self.args if isinstance(a, torch.Tensor)) + tuple(
-            v for v in self.kwargs.values() if isinstance(v, torch.Tensor)
-        )
+def _proxy_paths(value: Any, path: tuple = ()) -> Iterator[tuple[str, tuple]]:
+    """(node name, access path) of every proxy in a module's result (tuples, lists, mappings)."""
+    if isinstance(value, fx.Proxy):
+        yield value.node.name, path
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            yield from _proxy_paths(item, (*path, ("item", i)))
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _proxy_paths(item, (*path, ("item", key)))
 
 
 def trace_model(
@@ -202,8 +289,10 @@ def trace_model(
     autowrap_functions: Sequence[Callable[..., Any]] = (),
     auto_opaque: bool = False,
     max_opaque: int = 64,
+    leaf_structures: Mapping[str, LeafStructure] | None = None,
+    opaque_reasons: Mapping[str, str] | None = None,
 ) -> TracedModel:
-    """Trace ``model`` in train and in eval mode.
+    """Trace ``model`` in training mode.
 
     With ``inputs`` whose call does not map one tensor to each parameter of
     ``forward`` (``*args``/``**kwargs`` forwards, optional arguments, keyword or
@@ -213,18 +302,16 @@ def trace_model(
     With ``auto_opaque``, a failure inside a submodule does not end the trace: the
     innermost failing submodule is kept opaque and the trace is retried, up to
     ``max_opaque`` modules; ``TracedModel.opaque`` says which and why.
+    ``leaf_structures`` gives the tuple structure of opaque modules' results (from
+    a shape pass), ``opaque_reasons`` the reason to show for named leaves.
 
-    A ``torch.fx.GraphModule`` is accepted as is: its graph serves both modes and
-    its scopes come from ``nn_module_stack`` metadata when present. A simfx module
-    with two graphs (a stripped SIM module) keeps both.
+    A ``torch.fx.GraphModule`` is accepted as is: its graph is the training graph
+    and its scopes come from ``nn_module_stack`` metadata when present.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"simfx expects a torch.nn.Module, got {type(model).__name__}.")
     if isinstance(model, fx.GraphModule):
-        traced = _from_graph_module(model)
-        if inputs is not None:
-            traced.inputs = (*inputs.args, *inputs.kwargs.values())
-        return traced
+        return _from_graph_module(model, inputs)
 
     for hook in _REGISTRATION_HOOKS:
         hook()
@@ -248,14 +335,20 @@ def trace_model(
     # fx stores tensor constants on the traced root with setattr; a shallow copy
     # keeps them off the user's model while sharing every submodule.
     root = copy.copy(model)
-    bound = _bound_forward_class(model, inputs) if inputs is not None else None
+    bound, template = bound_forward_class(model, inputs) if inputs is not None else (None, None)
     if bound is not None:
         root.__class__ = bound
     made_opaque: dict[str, str] = {}
+    names = {id(m): name for name, m in model.named_modules()}
+    names[id(root)] = ""
     with preserved_module_state(model):
         while True:
             try:
-                graphs, opaque = _trace_both_modes(root, model, leaf_types, [*leaf_names, *made_opaque], functions)
+                tracer = _ScopeTracer(
+                    leaf_types, [*leaf_names, *made_opaque], functions, leaf_structures,
+                    {**(opaque_reasons or {}), **made_opaque},
+                )
+                recorder, graph = _trace(tracer, root, model, names)
                 break
             except TraceError as error:
                 if not auto_opaque or not error.module_name or error.module_name in made_opaque:
@@ -268,14 +361,27 @@ def trace_model(
                         error.module_name, error.module_type, error.cause,
                     ) from error
                 made_opaque[error.module_name] = f"made opaque: {_first_sentence(error.cause)}"
-    opaque.update((name, made_opaque[name]) for name in opaque.keys() & made_opaque.keys())
+    opaque = dict(tracer.opaque)
     root.training = model.training
     constants = tuple(k for k in vars(root) if k not in vars(model) and k != "__class__")
+    placeholders = tuple(n.name for n in graph.nodes if n.op == "placeholder")
     if inputs is None:
-        flat = ()
+        flat: tuple = ()
     else:
-        flat = inputs.tensors if bound is not None else inputs.args
-    return TracedModel(root, graphs[0], graphs[1], opaque, constants, flat)
+        flat = inputs.tensors if bound is not None else tuple(inputs.args)
+    return TracedModel(
+        root=root,
+        model=model,
+        graph=graph,
+        call=template or CallTemplate.plain(placeholders),
+        opaque=opaque,
+        constants=constants,
+        inputs=flat,
+        calls=tracer.module_calls,
+        flag_readers=recorder.flag_readers,
+        findings=tuple(recorder.findings),
+        untraceable=tuple(made_opaque),
+    )
 
 
 @contextlib.contextmanager
@@ -301,91 +407,39 @@ def preserved_module_state(model: nn.Module) -> Iterator[None]:
                 container.update(contents)
 
 
+@contextlib.contextmanager
+def hooks_suppressed(model: nn.Module) -> Iterator[None]:
+    """Module hooks do not fire inside: simfx's own runs (shapes, the check) are not the user's steps.
+
+    A feature-capture hook would otherwise receive fake tensors, or store the
+    example batch's features.
+    """
+    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    saved = []
+    for m in model.modules():
+        for name in names:
+            hooks = m.__dict__.get(name)
+            if hooks:
+                saved.append((m, name, hooks))
+                m.__dict__[name] = type(hooks)()
+    try:
+        yield
+    finally:
+        for m, name, hooks in saved:
+            m.__dict__[name] = hooks
+
+
 def _first_sentence(text: str, limit: int = 120) -> str:
     sentence = text.split(". ", 1)[0]
     return sentence if len(sentence) <= limit else sentence[: limit - 3] + "..."
 
 
-def _trace_both_modes(root, model, leaf_types, leaf_names, functions):
-    graphs, opaque = [], {}
-    for training in (True, False):
-        root.train(training)
-        tracer = _ScopeTracer(leaf_types, leaf_names, functions)
-        graphs.append(_run_tracer(tracer, root, model))
-        opaque.update(tracer.opaque)
-    return graphs, opaque
-
-
-_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-
-
-def _bound_forward_class(model: nn.Module, inputs: ExampleInputs) -> type | None:
-    """A subclass of the model's class whose forward takes exactly the example's tensors.
-
-    fx makes one placeholder per parameter of ``forward``; ``*args`` becomes a single
-    proxy (iterating it fails) and optional flags become proxies that ``if`` cannot
-    test. The generated forward has one parameter per example tensor and calls the
-    real forward with the tensors and the bound constants. None when fx's own
-    signature handling already fits.
-    """
-    cls = type(model)
-    try:
-        signature = inspect.signature(cls.forward)
-    except (TypeError, ValueError):
-        return None
-    params = list(signature.parameters.values())[1:]  # drop self
-    plain = (
-        not inputs.kwargs
-        and all(isinstance(a, torch.Tensor) for a in inputs.args)
-        and len(params) == len(inputs.args)
-        and all(p.kind in _POSITIONAL for p in params)
-    )
-    if plain:
-        return None
-    takes_any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-    unknown = [k for k in inputs.kwargs if k not in signature.parameters and not takes_any_keyword]
-    try:
-        if unknown:
-            raise TypeError(f"it has no parameter {unknown[0]!r}")
-        signature.bind(None, *inputs.args, **inputs.kwargs)
-    except TypeError as error:
-        raise TypeError(
-            f"example_inputs do not fit {cls.__name__}.forward{_show_signature(signature)}: {error}. "
-            f"Pass the forward's positional arguments as a tuple, or its keyword arguments as a dict."
-        ) from None
-
-    positional = [p.name for p in params if p.kind in _POSITIONAL]
-    star = next((p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), "args")
-    placeholders, call_args, constants = [], [], {}
-    for i, value in enumerate(inputs.args):
-        name = positional[i] if i < len(positional) else f"{star}_{i - len(positional)}"
-        if isinstance(value, torch.Tensor):
-            placeholders.append(name)
-            call_args.append(name)
-        else:
-            constants[f"_c{i}"] = value
-            call_args.append(f"_constants['_c{i}']")
-    for key, value in inputs.kwargs.items():
-        if isinstance(value, torch.Tensor):
-            name = key if key.isidentifier() and key not in placeholders else f"kw_{len(placeholders)}"
-            placeholders.append(name)
-            call_args.append(f"**{{{key!r}: {name}}}")
-        else:
-            constants[key] = value
-            call_args.append(f"**{{{key!r}: _constants[{key!r}]}}")
-    source = (
-        f"def forward(self, {', '.join(placeholders)}):\n"
-        f"    return _forward(self, {', '.join(call_args)})\n"
-    )
-    namespace = {"_forward": cls.forward, "_constants": constants}
-    exec(compile(source, f"<simfx bound {cls.__name__}.forward>", "exec"), namespace)
-    forward = namespace["forward"]
-    forward.__qualname__ = f"{cls.__qualname__}.forward"
-    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
-
-
-def _show_signature(signature: inspect.Signature) -> str:
-    return str(signature).replace("(self, ", "(", 1).replace("(self)", "()", 1)
+def _trace(tracer: "_ScopeTracer", root: nn.Module, model: nn.Module, names: dict[int, str]):
+    root.train(True)
+    recorder = TraceRecorder(tracer.innermost_module, names, tracer)
+    with recorder, torch.enable_grad():
+        graph = _run_tracer(tracer, root, model)
+    return recorder, graph
 
 
 def _run_tracer(tracer: _ScopeTracer, root: nn.Module, model: nn.Module) -> fx.Graph:
@@ -400,13 +454,13 @@ def _trace_error(error: Exception, scope: tuple[ScopeFrame, ...], model: nn.Modu
     frame = _user_frame(error)
     where = f" at {frame.filename.rsplit(os.sep, 1)[-1]}:{frame.lineno}" if frame else ""
     code = f" `{frame.line.strip()}`" if frame and frame.line else ""
-    # A failure inside a free function (not a forward) is best fixed by wrapping it.
+    # A failure inside a free function (not a forward) is best fixed by wrapping it;
+    # fx's autowrap skips names starting with an underscore, so those cannot be wrapped.
     helper = frame.name if frame and frame.name not in ("forward", "<module>", "<lambda>") else None
-    wrap_hint = (
-        f"autowrap_functions=[{helper}] records each call to {helper}() as one graph node"
-        if helper
-        else "if the failing code is a call to a free function, pass autowrap_functions=[that_function]"
-    )
+    if helper and not helper.startswith("_"):
+        wrap_hint = f"autowrap_functions=[{helper}] records each call to {helper}() as one graph node"
+    else:
+        wrap_hint = "if the failing code is a call to a public module-level function, pass autowrap_functions=[that_function]"
     if scope:
         failing = scope[-1]
         cls = failing.type
@@ -421,7 +475,7 @@ def _trace_error(error: Exception, scope: tuple[ScopeFrame, ...], model: nn.Modu
     message = (
         f"simfx could not trace {type(model).__name__}.forward{where}{code}: {first_line}\n"
         f"Fix: {wrap_hint}. Code in the model's own forward cannot be a leaf module; move it into "
-        f"a submodule and pass leaf_modules=[ThatModule] if wrapping is not possible."
+        f"a submodule and pass leaf_modules=[ThatModule] if wrapping is not possible, or use frontend='export'."
     )
     return TraceError(message, "", type(model), first_line)
 
@@ -434,23 +488,23 @@ def _user_frame(error: BaseException) -> traceback.FrameSummary | None:
     """The innermost traceback frame outside torch and simfx (the user's failing line)."""
     for frame in reversed(traceback.extract_tb(error.__traceback__)):
         path = os.path.abspath(frame.filename)
-        if not (path.startswith(_TORCH_DIR) or path.startswith(_SIMFX_DIR)):
+        if not (path.startswith(_TORCH_DIR) or path.startswith(_SIMFX_DIR) or frame.filename.startswith("<simfx")):
             return frame
     return None
 
 
-def _from_graph_module(gm: fx.GraphModule) -> TracedModel:
-    eval_graph = getattr(gm, "eval_graph", None)
-    train_graph = _copy_graph(gm.graph)
-    eval_graph = _copy_graph(eval_graph if isinstance(eval_graph, fx.Graph) else gm.graph)
-    for graph in (train_graph, eval_graph):
-        for node in graph.nodes:
-            if SCOPE_KEY not in node.meta:
-                node.meta[SCOPE_KEY] = _scope_from_module_stack(gm, node)
-    return TracedModel(gm, train_graph, eval_graph)
+def _from_graph_module(gm: fx.GraphModule, inputs: ExampleInputs | None) -> TracedModel:
+    graph = copy_graph(gm.graph)
+    for node in graph.nodes:
+        if SCOPE_KEY not in node.meta:
+            node.meta[SCOPE_KEY] = scope_from_module_stack(gm, node)
+    placeholders = tuple(n.name for n in graph.nodes if n.op == "placeholder")
+    flat = (*inputs.args, *inputs.kwargs.values()) if inputs is not None else ()
+    return TracedModel(gm, gm, graph, CallTemplate.plain(placeholders), inputs=flat)
 
 
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` with the same node names, metadata and code generator."""
     new = fx.Graph(tracer_cls=graph._tracer_cls)
     value_map: dict[fx.Node, fx.Node] = {}
     out = new.graph_copy(graph, value_map)
@@ -459,7 +513,7 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     return new
 
 
-def _scope_from_module_stack(gm: nn.Module, node: fx.Node) -> tuple[ScopeFrame, ...]:
+def scope_from_module_stack(gm: nn.Module, node: fx.Node) -> tuple[ScopeFrame, ...]:
     """Scopes from fx's ``nn_module_stack`` (keys ``name`` or ``name@k`` for repeats).
 
     Entries that name no submodule of ``gm`` (export's bookkeeping frames) are dropped.

@@ -9,13 +9,17 @@ import torch
 from torch import nn
 
 import simfx
-from simfx.api import _analyse
-from simfx.trace import ExampleInputs
+from simfx.boundaries import find_candidates
+from simfx.inputs import ExampleInputs
+from simfx.shapes import propagate_shapes
+from simfx.trace import trace_model
 from conftest import ConvBlock, InlineResidualNet, TinyResNet
 
 
 def candidates(model, *inputs):
-    return {b.name: b for b in _analyse(model, ExampleInputs(inputs), "fx", (), (), False)[2]}
+    traced = trace_model(model, ExampleInputs(inputs))
+    shapes = propagate_shapes(traced.graph, traced.root, traced.inputs)
+    return {b.name: b for b in find_candidates(traced.graph, traced.root, shapes, traced.opaque)}
 
 
 def test_module_scope_records(tiny_resnet):
@@ -121,7 +125,7 @@ def test_ineligible_reasons():
 
     found = candidates(Net(), torch.randint(0, 10, (2, 5)))
     assert found["embed"].reason == "input is torch.int64, not floating point"
-    assert found["relu"].reason == "modifies its input 'pair' in place"
+    assert found["relu"].reason == "modifies its input 'pair' in place (relu), so SIM would read the changed value"
     assert found["pair"].eligible
 
 

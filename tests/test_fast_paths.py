@@ -11,7 +11,8 @@ from simfx.objectives import _NormMSE, build_objective, norm_mse, norm_mse_refer
 from simfx.options import SimOptions
 from simfx.shapes import propagate_shapes
 from simfx.tokens import input_tokens_on_output_grid, take_tokens, to_tokens
-from simfx.trace import ExampleInputs, trace_model
+from simfx.inputs import ExampleInputs
+from simfx.trace import trace_model
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (2, 2, 4), (4, 40, 128)])
@@ -116,8 +117,8 @@ def test_fake_shape_pass_keeps_ties_shapes_and_leaves_real_tensors_alone():
     model = _Tied()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     traced = trace_model(model, ExampleInputs((torch.randn(3, 6),)))
-    metas = propagate_shapes(traced.train_graph, traced.root, traced.inputs)
-    out = [n for n in traced.train_graph.nodes if n.op == "output"][0].args[0]
+    metas = propagate_shapes(traced.graph, traced.root, traced.inputs).metas
+    out = [n for n in traced.graph.nodes if n.op == "output"][0].args[0]
     assert metas[out.name].shape == (3, 6)
     assert model.out.weight is model.embed.weight
     for k, v in model.state_dict().items():

@@ -34,7 +34,10 @@ def test_networkx_graph_has_every_node_with_attributes(sim):
     assert g.nodes["stem"]["shape"] == (2, 8, 16, 16) and g.nodes["stem"]["boundary"] is None
     for block in sim.sim_blocks:
         members = {n for n, b in g.nodes(data="boundary") if b == block.name and not g.nodes[n]["inserted"]}
-        assert members == set(block.boundary.nodes)
+        x, y, loss = sim.simfx_info.nodes[block.name]
+        assert y in members and g.nodes[loss]["boundary"] == block.name and g.has_edge(x, loss)
+        if block.name in sim.simfx_info.calls:  # the block runs as one call of its module
+            assert members == {y} and g.nodes[y]["op"] == "call_module"
     assert g.graph["boundaries"] == [b.name for b in sim.sim_blocks]
 
 
@@ -47,9 +50,9 @@ def test_diff_lists_exactly_the_inserted_nodes(sim):
     # each reconstructor reads its block's x and y; each loss feeds the aggregate, which feeds the output
     assert len(diff.added_edges) == 3 * len(sim.sim_blocks) + 1
     for block in sim.sim_blocks:
-        b = block.boundary
-        key = next(n.name for n in sim.graph.nodes if n.target == f"simfx.{block.key}")
-        assert (b.entry, key) in diff.added_edges and (b.exit, key) in diff.added_edges
+        x, y, key = sim.simfx_info.nodes[block.name]
+        assert sim.graph.find_nodes(op="call_module", target=f"simfx.{block.key}")[0].name == key
+        assert (x, key) in diff.added_edges and (y, key) in diff.added_edges
     assert "nodes added" in str(diff)
 
 
@@ -72,9 +75,9 @@ def test_matplotlib_svg_has_block_clusters_and_reconstructors(sim, tmp_path, ful
     assert "box_sim_loss" in ids
     assert "#fbd38d" in raw  # reconstructor fill colour
     if full:
-        assert "box_blocks_0_conv1" in ids
+        assert "box_blocks_0" in ids  # one box per node: the block is one call of its module
     else:
-        assert f"box_block:{sim.sim_blocks[0].name}" in ids and "box_blocks_0_conv1" not in ids
+        assert f"box_block:{sim.sim_blocks[0].name}" in ids and "box_blocks_0" not in ids
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz dot not installed")

@@ -29,14 +29,16 @@ def test_strip_loads_into_the_original_architecture_with_buffers():
     sim = simfx.transform(model, torch.randn(2, 3, 32, 32))
     _train_steps(sim, shape=(4, 3, 32, 32))
     plain = simfx.strip(sim)
-    assert isinstance(plain, torch.fx.GraphModule) and not isinstance(plain, simfx.SimGraphModule)
+    assert plain is model  # the model's own computation, not a graph of it
     assert not any(k.startswith("simfx.") for k in plain.state_dict())
     fresh = torchvision.models.resnet18(num_classes=10)
     fresh.load_state_dict(plain.state_dict(), strict=True)
     assert fresh.bn1.num_batches_tracked.item() == 2
     torch.testing.assert_close(fresh.layer1[0].bn1.running_mean, model.layer1[0].bn1.running_mean, rtol=0, atol=0)
-    # same parameters (shared objects), plain forward in both modes
+    # same parameters (shared objects), its own forward in both modes
     assert plain.conv1.weight is sim.conv1.weight
+    copied = simfx.transform(model, torch.randn(2, 3, 32, 32), copy=True)
+    assert simfx.strip(copied) is not model and simfx.strip(copied).conv1 is copied.conv1
     x = torch.randn(2, 3, 32, 32)
     plain.eval()
     fresh.eval()
@@ -71,7 +73,9 @@ def test_copies_are_independent_and_equivalent(tiny_resnet, how):
     assert isinstance(clone, simfx.SimGraphModule)
     assert type(clone).__name__ == "SimGraphModule"
     assert [b.name for b in clone.sim_blocks] == [b.name for b in sim.sim_blocks]
-    assert clone.code == sim.code and clone.eval_code == sim.eval_code
+    assert clone.code == sim.code
+    assert clone.simfx_model() is not sim.simfx_model()
+    assert dict(clone.simfx_model().named_modules())['blocks.0'] is clone.blocks[0]
     # equal state, separate storage
     for (k, a), (k2, b) in zip(sim.state_dict().items(), clone.state_dict().items()):
         assert k == k2 and torch.equal(a, b) and a.data_ptr() != b.data_ptr()

@@ -63,7 +63,7 @@ def test_untraceable_block_kept_opaque_still_gets_sim():
 def test_leaf_module_by_qualified_name_and_registry():
     model = UsesDataDependentBlock()
     traced = trace_model(model, leaf_modules=["block"])
-    assert [n.target for n in traced.train_graph.nodes if n.op == "call_module"] == ["inp", "block", "out"]
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["inp", "block", "out"]
     assert traced.opaque == {"block": "listed in leaf_modules"}
 
     simfx.register_leaf_module(DataDependentBlock)

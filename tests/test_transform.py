@@ -205,8 +205,8 @@ def test_train_mode_output_matches_the_model_when_nothing_is_random(tiny_resnet)
     assert torch.equal(sim(x)[0], tiny_resnet(x))
 
 
-def test_dual_graphs_keep_training_constants():
-    """fx bakes self.training into graphs: the eval graph must be traced in eval mode."""
+def test_eval_runs_the_model_itself_and_training_keeps_its_traced_mode():
+    """fx bakes self.training into graphs: eval never runs the traced graph, it calls the model."""
 
     class Net(nn.Module):
         def __init__(self):
@@ -224,7 +224,11 @@ def test_dual_graphs_keep_training_constants():
     model.eval()
     x = torch.randn(4, 6)
     assert torch.equal(sim(x)[0], model(x))
-    assert "training = True" in sim.code and "training = False" in sim.eval_code
+    assert "training = True" in sim.code and not hasattr(sim, "eval_code")
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(module))
+    sim(x)
+    assert calls == [model]  # eval mode is the model's own call, hooks included
 
 
 def test_model_with_tuple_output_returns_it_unchanged():

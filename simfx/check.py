@@ -1,0 +1,212 @@
+"""Emit, step 3 — check, once, that the training graph computes what the model computes.
+
+What simfx still traces (the model's own forward, containers, blocks that are
+regions inside a module) can lose Python behaviour a trace cannot see. So the
+transform runs the training graph without SIM and the model's own forward, both
+in training mode, on the example inputs, from the same RNG seed, and compares:
+
+* the output structure (types and nesting) and values;
+* which parameters get a gradient, and its value (gradients of a fixed random
+  projection of the outputs, taken with ``torch.autograd.grad`` so no ``.grad``
+  changes).
+
+BatchNorm statistics and every module attribute are restored afterwards, hooks
+do not fire during the check, and the RNG state is left as it was. The check
+costs two forward and backward passes at the example's size; skip it with
+``transform(..., check=False)`` for models that cannot run there (meta-device
+models skip it automatically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .errors import FaithfulnessError
+from .graph_module import SimGraphModule
+from .rewrite import plain_graph
+from .trace import TracedModel, hooks_suppressed, preserved_module_state
+
+__all__ = ["check_training_graph"]
+
+log = logging.getLogger("simfx")
+
+_SEED = 20250918
+
+
+def check_training_graph(sim: SimGraphModule, traced: TracedModel) -> str:
+    """``"passed"``, or why the check was skipped; a :class:`~simfx.FaithfulnessError` on a difference."""
+    model = traced.model
+    tensors = [*model.parameters(), *model.buffers(), *(t for t in traced.inputs if isinstance(t, torch.Tensor))]
+    if any(t.is_meta for t in tensors):
+        return "skipped: the model or the example inputs are on the meta device"
+    graph_module = fx.GraphModule(sim, plain_graph(sim.graph))
+    args, kwargs = traced.call.model_call(tuple(traced.inputs))
+    parameters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    with _restored(model) as reset:
+        try:
+            expected = _run(lambda: model(*args, **kwargs), parameters, model)
+        except Exception as error:  # the model itself cannot train on these inputs: nothing to compare
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            warnings.warn(
+                f"simfx could not check its training graph: {type(model).__name__} raised on the example "
+                f"inputs in training mode ({type(error).__name__}: {first}). Pass example inputs a training "
+                f"step can run on (a batch of 2 or more), or check=False to silence this.",
+                stacklevel=3,
+            )
+            return f"skipped: the model raised on the example inputs ({type(error).__name__})"
+        reset()
+        actual = _run(lambda: graph_module(*traced.inputs), parameters, model)
+    problems = _differences(expected, actual, parameters)
+    if problems:
+        raise FaithfulnessError(_message(model, traced, problems))
+    return "passed"
+
+
+def _run(forward: Callable[[], Any], parameters, model: nn.Module):
+    """Outputs and parameter gradients of one training-mode forward from a fixed seed."""
+    model.train(True)
+    devices = sorted({p.device.index or 0 for _, p in parameters if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        torch.manual_seed(_SEED)
+        output = forward()
+        leaves, spec = pytree.tree_flatten(output)
+        generator = torch.Generator().manual_seed(_SEED)
+        score = None
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad:
+                weight = torch.randn(leaf.shape, generator=generator).to(leaf.device)
+                term = (leaf.float() * weight).sum()
+                score = term if score is None else score + term
+        grads = [None] * len(parameters)
+        if score is not None and parameters:
+            grads = torch.autograd.grad(score, [p for _, p in parameters], allow_unused=True)
+    return spec, [_detached(leaf) for leaf in leaves], list(grads)
+
+
+def _detached(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """Buffers (BatchNorm statistics), module attributes and train/eval flags come back; no hook fires.
+
+    Yields a function that resets the buffers, for a second run from the same state.
+    """
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+
+    def reset() -> None:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+
+    with preserved_module_state(model), hooks_suppressed(model):
+        try:
+            yield reset
+        finally:
+            reset()
+
+
+def _differences(expected, actual, parameters) -> list[str]:
+    (spec_a, leaves_a, grads_a), (spec_b, leaves_b, grads_b) = expected, actual
+    if spec_a != spec_b:
+        return [f"the output structure differs: the model returns {_shown(spec_a)}, simfx's graph {_shown(spec_b)}"]
+    problems = []
+    for index, (a, b) in enumerate(zip(leaves_a, leaves_b)):
+        problem = _compare(a, b)
+        if problem:
+            problems.append(f"output {_leaf_name(spec_a, index)} differs: {problem}")
+    extra = [name for (name, _), ga, gb in zip(parameters, grads_a, grads_b) if ga is None and gb is not None]
+    missing = [name for (name, _), ga, gb in zip(parameters, grads_a, grads_b) if ga is not None and gb is None]
+    if extra:
+        problems.append(
+            f"{_names(extra)} get gradients in simfx's training graph but not when the model runs "
+            f"(a torch.no_grad() or set_grad_enabled(False) region, or a detach, that tracing lost)"
+        )
+    if missing:
+        problems.append(f"{_names(missing)} get gradients when the model runs but not in simfx's training graph")
+    wrong = [
+        name for (name, _), ga, gb in zip(parameters, grads_a, grads_b)
+        if ga is not None and gb is not None and _compare(ga, gb)
+    ]
+    if wrong:
+        problems.append(f"the gradients of {_names(wrong)} differ")
+    return problems
+
+
+def _compare(a: Any, b: Any) -> str:
+    if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+        return f"{type(a).__name__} vs {type(b).__name__}"
+    if not isinstance(a, torch.Tensor):
+        try:
+            return "" if a == b else f"{a!r} vs {b!r}"
+        except Exception:  # noqa: BLE001 - values without equality are taken as equal
+            return ""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f"shape/dtype {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}"
+    try:
+        torch.testing.assert_close(b, a, equal_nan=True)
+    except AssertionError:
+        diff = (a.double() - b.double()).abs().nan_to_num(0.0).max().item() if a.is_floating_point() else None
+        return f"largest difference {diff:.3g}" if diff is not None else "values differ"
+    return ""
+
+
+def _shown(spec) -> str:
+    text = str(spec).replace("\n", " ")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _leaf_name(spec, index: int) -> str:
+    return f"#{index}" if not spec.is_leaf() else "tensor"
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"parameters {shown}{more}"
+
+
+def _responsible_module(problems: list[str], traced: TracedModel) -> str:
+    """The deepest module whose traced code holds every parameter named in the problems, if any."""
+    names = [n for p in problems for n in _quoted(p)]
+    modules = [n.rsplit(".", 1)[0] if "." in n else "" for n in names]
+    if not modules:
+        return ""
+    common = modules[0].split(".")
+    for name in modules[1:]:
+        parts = name.split(".")
+        while common and parts[: len(common)] != common:
+            common = common[:-1]
+    return ".".join(common)
+
+
+def _quoted(text: str) -> list[str]:
+    return text.split("'")[1::2]
+
+
+def _message(model: nn.Module, traced: TracedModel, problems: list[str]) -> str:
+    module = _responsible_module(problems, traced)
+    shown = "\n".join(f"  - {p}" for p in problems[:6])
+    if traced.frontend == "fx":
+        where = f"module '{module}'" if module else "the model's own forward"
+        fix = (
+            f"Fix: keep the code that differs as one call of its module: leaf_modules=['{module}'] "
+            if module else "Fix: move the code that differs into a submodule and pass leaf_modules=[ThatModule] "
+        ) + "to transform, or try frontend='export'."
+    else:
+        where = f"module '{module}'" if module else "the model"
+        fix = "Fix: try frontend='fx', where chosen blocks run as calls of their own module."
+    return (
+        f"simfx's training graph for {type(model).__name__} ({traced.frontend} frontend) does not compute what "
+        f"the model computes on the example inputs, in {where}:\n{shown}\n{fix} "
+        f"(check=False skips this check; the training graph would still differ.)"
+    )

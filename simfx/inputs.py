@@ -1,0 +1,201 @@
+"""Example inputs and the call template: how the transformed module's inputs become the model's call.
+
+``transform(model, example_inputs)`` takes a tensor, a tuple of the forward's
+positional arguments, or a dict of its keyword arguments. Tensors become the
+transformed module's inputs, in that order; every other value (``augment=False``,
+``None``) is bound as a constant. The :class:`CallTemplate` records that binding
+so the transformed module can call the model's own forward (eval mode, the
+transform-time check) with exactly the arguments the user's code would pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import ExampleInputsError
+
+__all__ = ["ExampleInputs", "CallTemplate", "example_inputs", "bound_forward_class"]
+
+
+@dataclass(frozen=True)
+class ExampleInputs:
+    """The example call: positional and keyword arguments of the model's forward."""
+
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The graph's inputs in placeholder order: tensor arguments, then tensor keywords."""
+        return tuple(a for a in self.args if isinstance(a, torch.Tensor)) + tuple(
+            v for v in self.kwargs.values() if isinstance(v, torch.Tensor)
+        )
+
+
+def example_inputs(value: Any, model: nn.Module, caller: str) -> ExampleInputs:
+    """``value`` as :class:`ExampleInputs`, or an :class:`~simfx.ExampleInputsError` saying what to pass."""
+    if value is None:
+        raise ExampleInputsError(
+            f"simfx.{caller} needs example_inputs for {type(model).__name__}: a batch shaped like "
+            f"your training inputs, e.g. simfx.{caller}(model, torch.randn(2, 3, 224, 224)). "
+            f"They fix block shapes and reconstructor sizes, and simfx checks its graph against the "
+            f"model on them once."
+        )
+    if isinstance(value, torch.Tensor):
+        inputs = ExampleInputs((value,))
+    elif isinstance(value, (tuple, list)):
+        inputs = ExampleInputs(tuple(value))
+    elif isinstance(value, Mapping):
+        inputs = ExampleInputs((), dict(value))
+    else:
+        raise ExampleInputsError(
+            f"example_inputs must be a tensor, a tuple of the forward's positional arguments or a dict "
+            f"of its keyword arguments; got {type(value).__name__}."
+        )
+    if not inputs.tensors:
+        raise ExampleInputsError(
+            f"example_inputs for {type(model).__name__} holds no tensor; pass the forward's "
+            f"positional arguments, e.g. (torch.randn(2, 3, 224, 224),), or keyword arguments as a dict."
+        )
+    return inputs
+
+
+_INPUT = "input"
+
+
+@dataclass(frozen=True)
+class CallTemplate:
+    """The model's call with the transformed module's inputs in the tensor slots.
+
+    ``positional`` and ``keywords`` hold, per argument, ``("input", i)`` (the i-th
+    input of the transformed module) or ``("constant", value)``. ``names`` are the
+    transformed module's input names, in order.
+
+    >>> t = CallTemplate(((_INPUT, 0), ("constant", False)), (("mask", (_INPUT, 1)),), ("x", "mask"))
+    >>> t.model_call((1, 2))
+    ((1, False), {'mask': 2})
+    """
+
+    positional: tuple[tuple[str, Any], ...]
+    keywords: tuple[tuple[str, tuple[str, Any]], ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def plain(cls, names: tuple[str, ...]) -> "CallTemplate":
+        """Every input passed positionally, in order."""
+        return cls(tuple((_INPUT, i) for i in range(len(names))), (), names)
+
+    def model_call(self, inputs: tuple) -> tuple[tuple, dict[str, Any]]:
+        """The positional and keyword arguments of the model's forward for these inputs."""
+        def fill(slot):
+            kind, value = slot
+            return inputs[value] if kind == _INPUT else value
+
+        return tuple(fill(s) for s in self.positional), {k: fill(s) for k, s in self.keywords}
+
+    def inputs_of(self, args: tuple, kwargs: Mapping[str, Any]) -> tuple | None:
+        """The inverse: this template's inputs from a model call, or None if the call does not fit it."""
+        if len(args) != len(self.positional) or set(kwargs) != {k for k, _ in self.keywords}:
+            return None
+        found: dict[int, Any] = {}
+        slots = [*zip(self.positional, args), *((s, kwargs[k]) for k, s in self.keywords)]
+        for (kind, value), given in slots:
+            if kind == _INPUT:
+                found[value] = given
+            elif given is not value and not _same_constant(given, value):
+                return None
+        return tuple(found[i] for i in range(len(self.names)))
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values without a plain equality are not the same constant
+        return False
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def bound_forward_class(model: nn.Module, inputs: ExampleInputs) -> tuple[type | None, CallTemplate | None]:
+    """A subclass of the model's class whose forward takes exactly the example's tensors, and its template.
+
+    fx makes one placeholder per parameter of ``forward``; ``*args`` becomes a single
+    proxy (iterating it fails) and optional flags become proxies that ``if`` cannot
+    test. The generated forward has one parameter per example tensor and calls the
+    real forward with the tensors and the bound constants. ``(None, None)`` when
+    fx's own signature handling already fits (every argument a tensor, one per
+    positional parameter).
+    """
+    cls = type(model)
+    try:
+        signature = inspect.signature(cls.forward)
+    except (TypeError, ValueError):
+        return None, None
+    params = list(signature.parameters.values())[1:]  # drop self
+    plain = (
+        not inputs.kwargs
+        and all(isinstance(a, torch.Tensor) for a in inputs.args)
+        and len(params) == len(inputs.args)
+        and all(p.kind in _POSITIONAL for p in params)
+    )
+    if plain:
+        return None, None
+    takes_any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    unknown = [k for k in inputs.kwargs if k not in signature.parameters and not takes_any_keyword]
+    try:
+        if unknown:
+            raise TypeError(f"it has no parameter {unknown[0]!r}")
+        signature.bind(None, *inputs.args, **inputs.kwargs)
+    except TypeError as error:
+        raise ExampleInputsError(
+            f"example_inputs do not fit {cls.__name__}.forward{_show_signature(signature)}: {error}. "
+            f"Pass the forward's positional arguments as a tuple, or its keyword arguments as a dict."
+        ) from None
+
+    positional = [p.name for p in params if p.kind in _POSITIONAL]
+    star = next((p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), "args")
+    placeholders: list[str] = []
+    call_args: list[str] = []
+    constants: dict[str, Any] = {}
+    slots: list[tuple[str, Any]] = []
+    keyword_slots: list[tuple[str, tuple[str, Any]]] = []
+    for i, value in enumerate(inputs.args):
+        name = positional[i] if i < len(positional) else f"{star}_{i - len(positional)}"
+        if isinstance(value, torch.Tensor):
+            slots.append((_INPUT, len(placeholders)))
+            placeholders.append(name)
+            call_args.append(name)
+        else:
+            slots.append(("constant", value))
+            constants[f"_c{i}"] = value
+            call_args.append(f"_constants['_c{i}']")
+    for key, value in inputs.kwargs.items():
+        if isinstance(value, torch.Tensor):
+            name = key if key.isidentifier() and key not in placeholders else f"kw_{len(placeholders)}"
+            keyword_slots.append((key, (_INPUT, len(placeholders))))
+            placeholders.append(name)
+            call_args.append(f"**{{{key!r}: {name}}}")
+        else:
+            keyword_slots.append((key, ("constant", value)))
+            constants[key] = value
+            call_args.append(f"**{{{key!r}: _constants[{key!r}]}}")
+    source = (
+        f"def forward(self, {', '.join(placeholders)}):\n"
+        f"    return _forward(self, {', '.join(call_args)})\n"
+    )
+    namespace = {"_forward": cls.forward, "_constants": constants}
+    exec(compile(source, f"<simfx bound {cls.__name__}.forward>", "exec"), namespace)
+    forward = namespace["forward"]
+    forward.__qualname__ = f"{cls.__qualname__}.forward"
+    bound = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return bound, CallTemplate(tuple(slots), tuple(keyword_slots), tuple(placeholders))
+
+
+def _show_signature(signature: inspect.Signature) -> str:
+    return str(signature).replace("(self, ", "(", 1).replace("(self)", "()", 1)
