@@ -23,7 +23,7 @@ from torch import nn
 
 from .boundaries import Boundary, find_candidates
 from .check import check_training_graph
-from .errors import FaithfulnessError, NoEligibleBlockError, TraceError
+from .errors import ExampleInputsError, FaithfulnessError, NoEligibleBlockError, TraceError
 from .graph_module import SimGraphModule
 from .inputs import ExampleInputs, example_inputs as as_example_inputs
 from .options import SimOptions
@@ -209,7 +209,7 @@ def _build(model, inputs, capture: _Capture, selection: _Selection, *, per_block
         except (TraceError, FaithfulnessError, NoEligibleBlockError):
             return built
         return exported if exported.plan.blocks else built
-    hidden = _untraceable_share(model, built.traced)
+    hidden = _hidden_share(model, built.traced)
     if hidden > OPAQUE_LIMIT:
         try:
             exported = attempt("export")
@@ -238,10 +238,14 @@ def _analyse(model, inputs: ExampleInputs, frontend: str, capture: _Capture, sel
             model, inputs, leaf_modules=leaves, autowrap_functions=capture.autowrap_functions,
             auto_opaque=capture.auto_opaque, leaf_structures=structures, opaque_reasons=reasons,
         )
-        shapes = propagate_shapes(traced.graph, traced.root, traced.inputs)
-        fresh = {k: v for k, v in shapes.leaf_structures.items() if structures.get(k) != v}
-        if fresh and not isinstance(model, fx.GraphModule):
-            structures.update(fresh)  # trace opaque modules' tuple results as tuples
+        try:
+            shapes = propagate_shapes(traced.graph, traced.root, traced.inputs)
+        except ExampleInputsError as error:
+            shapes = getattr(error, "partial_shapes", None)
+            if shapes is None or not _new_structures(shapes, structures, model):
+                raise
+        if _new_structures(shapes, structures, model):
+            structures.update(shapes.leaf_structures)  # trace opaque modules' tuple results as tuples
             continue
         candidates = find_candidates(traced.graph, traced.root, shapes, traced.opaque)
         plan = selection.plan(candidates)
@@ -257,6 +261,12 @@ def _analyse(model, inputs: ExampleInputs, frontend: str, capture: _Capture, sel
                 )
             leaves.append(finding.module)
             reasons[finding.module] = f"made opaque: {finding.describe()}"
+
+
+def _new_structures(shapes: GraphShapes, known: Mapping[str, Any], model: nn.Module) -> bool:
+    if isinstance(model, fx.GraphModule):
+        return False  # a GraphModule's graph is taken as it is
+    return any(known.get(name) != structure for name, structure in shapes.leaf_structures.items())
 
 
 def _lost_outside_calls(traced: TracedModel, plan: Plan):
@@ -277,12 +287,12 @@ def _cause(error: Exception) -> str:
     return cause.strip().splitlines()[0] if cause.strip() else type(error).__name__
 
 
-def _untraceable_share(model: nn.Module, traced: TracedModel) -> float:
-    """Share of the model's parameters inside modules fx could not trace (kept opaque automatically)."""
-    if not traced.untraceable:
+def _hidden_share(model: nn.Module, traced: TracedModel) -> float:
+    """Share of the model's parameters inside modules fx kept opaque without being asked to."""
+    if not traced.automatic:
         return 0.0
     total = {id(p): p.numel() for p in model.parameters()}
-    hidden = {id(p): p.numel() for name in traced.untraceable for p in model.get_submodule(name).parameters()}
+    hidden = {id(p): p.numel() for name in traced.automatic for p in model.get_submodule(name).parameters()}
     return sum(hidden.values()) / max(sum(total.values()), 1)
 
 

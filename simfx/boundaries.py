@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from .shapes import GraphShapes, TensorMeta, _weight_layer_channel_dim, op_name
-from .trace import GRAD_KEY, SCOPE_KEY, ScopeFrame, fetch_attr
+from .trace import GRAD_KEY, SCOPE_KEY, ScopeFrame, fetch_attr, weight_layers
 
 __all__ = ["Boundary", "find_candidates", "layout_name", "token_count"]
 
@@ -390,7 +390,12 @@ def _analyse_region(nodes: list[fx.Node], facts: _GraphFacts) -> _Region:
             tensor_inputs.append(a)
         elif isinstance(meta, tuple):
             tensor_inputs.extend([a] * _tensor_count(meta))
-    outputs = [n for n in nodes if any(u not in inside and u in facts.live for u in n.users)]
+    # Values leaving the region: activations only (a batch size or shape computed
+    # inside and reused later, as export graphs do, is not a second output).
+    outputs = [
+        n for n in nodes
+        if n in facts.activation and any(u not in inside and u in facts.live for u in n.users)
+    ]
 
     if not tensor_inputs:
         region.reason = "no activation tensor flows in"
@@ -532,6 +537,8 @@ def _make_boundary(*, name, kind, module_type, region: _Region, facts: _GraphFac
     out_meta = facts.tensor_meta(exit_) if exit_ is not None else None
     reason = region.reason
     in_cd = out_cd = None
+    if not reason and (in_meta is None or out_meta is None):
+        reason = f"its {'input' if in_meta is None else 'output'} is not a single tensor"
     if not reason:
         reason = _shape_problem(in_meta, out_meta, facts.batch)
     if not reason:
@@ -558,7 +565,7 @@ def _make_boundary(*, name, kind, module_type, region: _Region, facts: _GraphFac
         opaque=opaque,
         produces_output=exit_ is not None and exit_ in facts.output_values,
         has_weight=has_weight,
-        weight_layers=sum(facts.is_matrix_layer(n) for n in region.nodes),
+        weight_layers=sum(_weight_layers_applied(n, facts) for n in region.nodes),
         container_child=container_child,
         eligible=not reason,
         reason=reason,
@@ -577,6 +584,15 @@ def _input_changed_in_place(region: _Region, facts: _GraphFacts) -> str:
             what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.name)
             return f"modifies its input '{entry.name}' in place ({what}), so SIM would read the changed value"
     return ""
+
+
+def _weight_layers_applied(node: fx.Node, facts: _GraphFacts) -> int:
+    """1 for a conv/linear-like node; an opaque module call counts the weight layers inside it."""
+    if node.op == "call_module":
+        module = facts.module(node.target)
+        if module is not None and not _is_norm(module):
+            return weight_layers(module)
+    return int(facts.is_matrix_layer(node))
 
 
 def _shape_problem(in_meta: TensorMeta, out_meta: TensorMeta, batch: int | None) -> str:

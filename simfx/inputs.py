@@ -148,15 +148,12 @@ def bound_forward_class(model: nn.Module, inputs: ExampleInputs) -> tuple[type |
         return None, None
     takes_any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
     unknown = [k for k in inputs.kwargs if k not in signature.parameters and not takes_any_keyword]
-    try:
-        if unknown:
-            raise TypeError(f"it has no parameter {unknown[0]!r}")
-        signature.bind(None, *inputs.args, **inputs.kwargs)
-    except TypeError as error:
+    problem = f"it has no parameter {unknown[0]!r}" if unknown else _binding_problem(signature, inputs)
+    if problem:
         raise ExampleInputsError(
-            f"example_inputs do not fit {cls.__name__}.forward{_show_signature(signature)}: {error}. "
+            f"example_inputs do not fit {cls.__name__}.forward{_show_signature(signature)}: {problem}. "
             f"Pass the forward's positional arguments as a tuple, or its keyword arguments as a dict."
-        ) from None
+        )
 
     positional = [p.name for p in params if p.kind in _POSITIONAL]
     star = next((p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), "args")
@@ -195,6 +192,14 @@ def bound_forward_class(model: nn.Module, inputs: ExampleInputs) -> tuple[type |
     forward.__qualname__ = f"{cls.__qualname__}.forward"
     bound = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
     return bound, CallTemplate(tuple(slots), tuple(keyword_slots), tuple(placeholders))
+
+
+def _binding_problem(signature: inspect.Signature, inputs: ExampleInputs) -> str:
+    try:
+        signature.bind(None, *inputs.args, **inputs.kwargs)
+    except TypeError as error:
+        return str(error)
+    return ""
 
 
 def _show_signature(signature: inspect.Signature) -> str:

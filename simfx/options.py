@@ -7,6 +7,7 @@ fields for the blocks a selector matches. Nothing here touches a model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Mapping
@@ -50,6 +51,9 @@ class SimOptions:
     channel_dim: int | tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        # NumPy scalars and 0-d tensors (a config loaded from an array, a schedule) are numbers too.
+        for name in ("beta", "token_ratio", "channel_ratio", "dim"):
+            object.__setattr__(self, name, _plain_number(name, getattr(self, name)))
         _check_ratio("token_ratio", self.token_ratio)
         _check_ratio("channel_ratio", self.channel_ratio)
         if self.token_sampling not in TOKEN_SAMPLING:
@@ -62,6 +66,11 @@ class SimOptions:
             raise ValueError(f"dim must be a positive int, got {self.dim!r}.")
         if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool):
             raise TypeError(f"beta must be a number, got {type(self.beta).__name__}.")
+        if not math.isfinite(self.beta) or self.beta < 0:
+            raise ValueError(
+                f"beta must be a finite number >= 0 (the weight of the block's SIM loss), got {self.beta!r}; "
+                f"use beta=0 to log a block's loss without training on it."
+            )
         cd = self.channel_dim
         if cd is not None:
             pair = cd if isinstance(cd, tuple) else (cd, cd)
@@ -101,6 +110,20 @@ OPTION_NAMES = tuple(f.name for f in dataclasses.fields(SimOptions))
 
 def merge_options(base: SimOptions, changes: Mapping[str, Any] | None) -> SimOptions:
     return base.replace(**dict(changes)) if changes else base
+
+
+def _plain_number(name: str, value: Any) -> Any:
+    """A NumPy scalar or a one-element 0-d tensor as the Python number it holds; anything else unchanged."""
+    if isinstance(value, bool):
+        return value
+    item = getattr(value, "item", None)
+    is_array_scalar = type(value).__module__ == "numpy" and getattr(value, "shape", None) == ()
+    is_scalar_tensor = type(value).__name__ in ("Tensor", "Parameter") and getattr(value, "shape", None) == ()
+    if callable(item) and (is_array_scalar or is_scalar_tensor):
+        value = item()
+        if isinstance(value, bool):
+            raise TypeError(f"{name} must be a number, got a boolean {type(value).__name__}.")
+    return value
 
 
 def _check_ratio(name: str, value: float) -> None:

@@ -367,10 +367,18 @@ def _nothing_selected(candidates: Sequence[Boundary], decisions: Mapping[str, st
         )
     else:
         head = "no eligible block: the selection left no block that can take SIM."
-    return (
-        f"{head} Candidates and why each was rejected:\n{shown}\n"
-        f"Pass blocks=[...] with module classes or names of blocks that have one tensor in and one out."
-    )
+    hiding = [b.name for b in candidates if b.opaque and b.weight_layers >= 2]
+    fixes = []
+    if hiding:
+        fixes.append(
+            f"{', '.join(repr(n) for n in hiding[:4])} run as one call and hide their layers: "
+            f"frontend='export' traces into them"
+        )
+    usable = [b.name for b in candidates if b.eligible and not b.produces_output]
+    if usable:
+        fixes.append(f"name blocks yourself, e.g. blocks={usable[:3]!r}")
+    fixes.append("pass blocks=[...] with module classes or names of blocks that have one tensor in and one out")
+    return f"{head} Candidates and why each was rejected:\n{shown}\nFix: " + "; or ".join(fixes) + "."
 
 
 def _unique_keys(names: Iterable[str]) -> list[str]:

@@ -81,34 +81,43 @@ def propagate_shapes(
     example_inputs: Sequence[Any],
 ) -> GraphShapes:
     """Run ``graph`` on fake tensors and describe every value (see :class:`GraphShapes`)."""
+    partial = GraphShapes()
     try:
         with preserved_module_state(root), hooks_suppressed(root):
             return _fake_run(graph, root, example_inputs)
     except Exception as error:  # fake tensors refuse data-dependent ops, among others
         log.info("fake-tensor shape pass failed (%s); using one real run on a copy", error)
+        partial = error.shapes if isinstance(error, _NodeFailed) else partial
     try:
         with hooks_suppressed(root):
             return _real_run(graph, root, example_inputs)
     except Exception as failure:  # the example does not fit the model: say so plainly
         error, where = (failure.error, f" at {failure.where}") if isinstance(failure, _NodeFailed) else (failure, "")
+        if isinstance(failure, _NodeFailed):
+            partial = failure.shapes  # the real run got at least as far as the fake one
         described = ", ".join(
             f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
             for t in example_inputs
         )
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ExampleInputsError(
+        failure = ExampleInputsError(
             f"{type(root).__name__} cannot run on the example inputs ({described}){where}: {first}\n"
             f"Pass example_inputs shaped like a training batch, with the dtype and on the device of the "
             f"model's parameters."
-        ) from error
+        )
+        # What ran before the failing node: the pipeline may retrace with it (an opaque
+        # module returning a tuple the graph treated as one value).
+        failure.partial_shapes = partial
+        raise failure from error
 
 
 class _NodeFailed(Exception):
     """A node raised while the shapes ran; carries which one, so the error can name it."""
 
-    def __init__(self, node: fx.Node, error: Exception):
+    def __init__(self, node: fx.Node, error: Exception, shapes: "GraphShapes"):
         super().__init__(str(error))
         self.error = error
+        self.shapes = shapes
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
         self.where = f"node '{node.name}' ({node.op} {target})"
 
@@ -117,6 +126,9 @@ class _ShapeRecorder(Interpreter):
     def __init__(self, root: nn.Module, graph: fx.Graph):
         super().__init__(root, garbage_collect_values=True, graph=graph)
         self.shapes = GraphShapes()
+        # Storage identities are addresses: keep every storage alive so no later
+        # tensor reuses one (values themselves are still freed after their last use).
+        self._storages: list[Any] = []
 
     def run_node(self, node: fx.Node) -> Any:
         inputs = [t for n in node.all_input_nodes for t in _tensors(self.env.get(n))]
@@ -126,7 +138,7 @@ class _ShapeRecorder(Interpreter):
         except _NodeFailed:
             raise
         except Exception as error:
-            raise _NodeFailed(node, error) from error
+            raise _NodeFailed(node, error, self.shapes) from error
         changed = frozenset(_storage_key(t) for t, version in versions if t._version != version) - {None}
         if changed:
             self.shapes.mutated[node.name] = changed
@@ -137,6 +149,7 @@ class _ShapeRecorder(Interpreter):
             key = _storage_key(result)
             if key is not None:
                 self.shapes.storage[node.name] = key
+                self._storages.append(result.untyped_storage())
         if node.op == "call_module" and isinstance(result, (tuple, list)):
             self.shapes.leaf_structures[node.target] = leaf_structure(result)
         return result

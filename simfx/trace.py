@@ -37,12 +37,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Seque
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.immutable_collections import immutable_dict
 
 from .errors import TraceError
 from .inputs import CallTemplate, ExampleInputs, bound_forward_class
 from .recorders import Finding, TraceRecorder
 
 __all__ = [
+    "weight_layers",
     "ScopeFrame",
     "ModuleCall",
     "TracedModel",
@@ -153,7 +155,8 @@ class TracedModel:
     own module (what eval mode runs). ``opaque`` maps the qualified names of
     modules kept opaque to the reason. ``inputs`` are the example values in the
     graph's placeholder order and ``call`` turns them back into the model's call.
-    ``untraceable`` names the modules kept opaque because fx failed inside them.
+    ``automatic`` names the modules kept opaque without being asked to: fx failed
+    inside them, or they are torch.nn containers of several weight layers.
     ``calls`` are the traced-through module calls; ``flag_readers`` maps each module
     whose ``training`` flag traced code read to (where, the module whose code read
     it, the value it read); ``findings`` what the trace could
@@ -171,7 +174,7 @@ class TracedModel:
     calls: dict[ScopeFrame, ModuleCall] = field(default_factory=dict)
     flag_readers: dict[str, tuple[str, str, bool]] = field(default_factory=dict)
     findings: tuple[Finding, ...] = ()
-    untraceable: tuple[str, ...] = ()
+    automatic: tuple[str, ...] = ()
 
 
 # How an opaque module's output is traced: None for one proxy, else the structure
@@ -199,6 +202,7 @@ class _ScopeTracer(fx.Tracer):
         self._calls: dict[str, int] = {}
         self.opaque: dict[str, str] = {}
         self.module_calls: dict[ScopeFrame, ModuleCall] = {}
+        self.hiding: set[str] = set()
         self.failure_scope: tuple[ScopeFrame, ...] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -210,6 +214,14 @@ class _ScopeTracer(fx.Tracer):
             self.opaque[module_qualified_name] = f"{type(m).__name__} is a registered leaf module"
             return True
         if super().is_leaf_module(m, module_qualified_name):
+            blocks = _hidden_blocks(m)
+            if blocks >= 2 and module_qualified_name not in self.opaque:
+                # torch.nn's own containers (TransformerEncoder) hide whole blocks from fx.
+                self.opaque[module_qualified_name] = (
+                    f"torch.nn's {type(m).__name__} runs as one call under fx (it holds {blocks} weighted "
+                    f"layers; frontend='export' traces into it)"
+                )
+                self.hiding.add(module_qualified_name)
             return True
         if has_hooks(m):
             self.opaque[module_qualified_name] = "has hooks (kept as one call, so they run)"
@@ -246,6 +258,13 @@ class _ScopeTracer(fx.Tracer):
         if outputs:
             self.module_calls[frame] = ModuleCall(frame, arguments[0], arguments[1], outputs, grad_enabled)
 
+    def create_arg(self, a: Any):
+        # fx turns every dict into a plain one; a dict subclass (Hugging Face's
+        # ModelOutput, a user's attribute dict) is rebuilt as its own type.
+        if isinstance(a, dict) and type(a) not in (dict, immutable_dict) and all(isinstance(k, str) for k in a):
+            return self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in a.items()})
+        return super().create_arg(a)
+
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
         node.meta[SCOPE_KEY] = tuple(self._scope)
@@ -254,6 +273,23 @@ class _ScopeTracer(fx.Tracer):
 
     def innermost_module(self) -> str:
         return self._scope[-1].name if self._scope else ""
+
+
+def weight_layers(module: nn.Module) -> int:
+    """Submodules applying a weight of 2+ dims of their own (conv, linear, attention projections)."""
+    return sum(
+        any(p.dim() >= 2 for p in m.parameters(recurse=False)) for m in module.modules()
+    )
+
+
+def _hidden_blocks(module: nn.Module) -> int:
+    """The most weighted members of one nn.Sequential/nn.ModuleList inside ``module`` (its hidden blocks)."""
+    counts = [
+        sum(weight_layers(child) > 0 for child in m.children())
+        for m in module.modules()
+        if isinstance(m, (nn.Sequential, nn.ModuleList))
+    ]
+    return max(counts, default=0)
 
 
 def _structured(proxy: fx.Proxy, structure: LeafStructure) -> Any:
@@ -380,7 +416,7 @@ def trace_model(
         calls=tracer.module_calls,
         flag_readers=recorder.flag_readers,
         findings=tuple(recorder.findings),
-        untraceable=tuple(made_opaque),
+        automatic=tuple(made_opaque) + tuple(sorted(tracer.hiding - set(made_opaque))),
     )
 
 

@@ -35,6 +35,12 @@ MODELS = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32)),
     "small_vit": (small_vit, (2, 3, 32, 32)),
 }
+# The fullgraph promise on the real ViT-B/16 and on a model captured by the export frontend.
+STEP_MODELS = {
+    **{name: (*entry, {}) for name, entry in MODELS.items()},
+    "vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=32, num_classes=10), (2, 3, 32, 32), {}),
+    "tiny_resnet_export": (TinyResNet, (2, 3, 16, 16), {"frontend": "export"}),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -59,10 +65,11 @@ def test_train_graph_is_one_graph_without_breaks(name):
     assert report.graph_break_count == 0, report.break_reasons
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(STEP_MODELS))
 def test_no_recompile_across_steps_and_one_graph_per_mode(name):
-    factory, shape = MODELS[name]
-    sim = simfx.transform(factory(), torch.randn(*shape)).train()
+    factory, shape, options = STEP_MODELS[name]
+    sim = simfx.transform(factory(), torch.randn(*shape), **options).train()
+    assert sim.simfx_info.frontend == options.get("frontend", "fx")
     backend = CompileCounter()
     compiled = torch.compile(sim, backend=backend, fullgraph=True)
     _step(compiled, torch.randn(*shape))

@@ -1,4 +1,4 @@
-"""DistributedDataParallel over a transformed module: 2 CPU processes on gloo.
+"""DistributedDataParallel and FSDP2 over a transformed module: 2 CPU processes on gloo.
 
 DESIGN's invariant that every reconstructor parameter gets a gradient every step
 is what lets DDP run without ``find_unused_parameters``; these tests train for a
@@ -103,3 +103,54 @@ def _check(ranks):
 @pytest.mark.parametrize("how", ["eager", "ddp_of_compiled", "compiled_ddp"])
 def test_ddp_two_processes_keep_identical_parameters(tmp_path, how):
     _check(_run(tmp_path, how))
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+    except ImportError:
+        from torch.distributed._composable.fsdp import fully_shard  # torch 2.4-2.5
+    return fully_shard
+
+
+def _fsdp_worker(rank: int, port: int, results: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        with pytest.raises(simfx.UnsupportedModelError, match=r"DistributedDataParallel-wrapped.*model\.module"):
+            simfx.transform(DDP(TinyResNet()), torch.randn(2, 3, 16, 16))
+        fully_shard = _fully_shard()
+        mesh = init_device_mesh("cpu", (WORLD,))
+        torch.manual_seed(0)
+        sim = simfx.transform(TinyResNet(), torch.randn(2, 3, 16, 16)).train()
+        for block in sim.sim_blocks:  # the usual per-block sharding, then the root
+            fully_shard(sim.get_submodule(block.name), mesh=mesh)
+        fully_shard(sim, mesh=mesh)
+        optimizer = torch.optim.SGD(sim.parameters(), lr=0.1)
+        torch.manual_seed(100 + rank)
+        losses = []
+        for _ in range(STEPS):
+            out, sim_loss = sim(torch.randn(4, 3, 16, 16))
+            (torch.nn.functional.cross_entropy(out, torch.randint(0, 5, (4,))) + sim_loss).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(sim_loss.item())
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                 for k, v in sim.named_parameters()}
+        torch.save({"state": state, "losses": losses}, f"{results}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_per_block_fully_shard_after_transform_keeps_ranks_identical(tmp_path):
+    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    first = ranks[0]["state"]
+    assert any(k.startswith("simfx.") for k in first)
+    for name, value in first.items():
+        assert torch.equal(value, ranks[1]["state"][name]), f"rank parameters differ at {name}"
+    assert all(loss > 0 for rank in ranks for loss in rank["losses"])
