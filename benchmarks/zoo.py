@@ -1,8 +1,10 @@
 """Model-zoo coverage: does `simfx.transform` hold on the models people train?
 
 For each model of a zoo (randomly initialised, at the smallest probed input it
-accepts) the runner does: transform -> one eager training step (forward,
-backward, SGD step) -> eval-equality check against the original model ->
+accepts) the runner does: transform (with simfx's transform-time check of the
+training graph against the model, whose outcome is its own column) -> one eager
+training step (forward, backward, SGD step) -> eval-equality check against the
+original model ->
 optionally ``torch.compile(fullgraph=True)`` of the train graph and one compiled
 step. Each model runs in its own subprocess with a time budget, so a crash or a
 hang costs one row, not the run.
@@ -61,6 +63,9 @@ class ZooResult:
     candidates: int | None = None
     boundaries: int | None = None
     opaque: int | None = None
+    frontend: str | None = None
+    calls: int | None = None
+    check: str | None = None
     added_params_pct: float | None = None
     step_ok: bool = False
     eval_equal: bool = False
@@ -277,6 +282,9 @@ def check_model(spec: ModelSpec, compile_backend: str | None = None, batch: int 
         result.candidates = len(info.candidates)
         result.boundaries = len(info.plan.blocks)
         result.opaque = len(info.opaque)
+        result.frontend = info.frontend
+        result.calls = len(info.calls)
+        result.check = info.check
         added = sum(p.numel() for p in sim.simfx.parameters())
         result.added_params_pct = round(100.0 * added / max(result.params, 1), 3)
 
@@ -348,16 +356,24 @@ def _mark(value) -> str:
     return {True: "yes", False: "**no**", None: "-"}[value] if isinstance(value, (bool, type(None))) else str(value)
 
 
+def _check_mark(check: str | None) -> str:
+    if check is None:
+        return "-"
+    return "passed" if check == "passed" else f"**{check}**"
+
+
 def to_markdown(results: list[ZooResult], compile_backend: str | None) -> str:
-    header = ["model", "input", "plain fx", "traced", "auto blocks", "opaque", "added params %", "step", "eval bit-equal"]
+    header = ["model", "input", "plain fx", "traced", "frontend", "auto blocks", "as calls", "opaque", "check",
+              "added params %", "step", "eval bit-equal"]
     if compile_backend:
         header.append(f"compile ({compile_backend})")
     header += ["s", "first error"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         row = [
-            r.model, "x".join(map(str, r.input_shape or [])) or "-", _mark(r.plain_fx), _mark(r.traced), _mark(r.boundaries),
-            _mark(r.opaque), _mark(r.added_params_pct), _mark(r.step_ok), _mark(r.eval_equal),
+            r.model, "x".join(map(str, r.input_shape or [])) or "-", _mark(r.plain_fx), _mark(r.traced),
+            _mark(r.frontend), _mark(r.boundaries), _mark(r.calls), _mark(r.opaque), _check_mark(r.check),
+            _mark(r.added_params_pct), _mark(r.step_ok), _mark(r.eval_equal),
         ]
         if compile_backend:
             row.append(_mark(r.compile_ok))
@@ -370,6 +386,8 @@ def summary(results: list[ZooResult], compile_backend: str | None) -> str:
     n = len(results)
     full = sum(r.traced and r.step_ok and r.eval_equal for r in results)
     text = f"{full}/{n} models transform, train a step and evaluate bit-equal ({100.0 * full / max(n, 1):.1f}%)"
+    checked = sum(r.check == "passed" for r in results)
+    text += f"; the transform-time check passed on {checked}/{n}"
     plain = [r for r in results if r.plain_fx]
     plain_full = sum(r.traced and r.step_ok and r.eval_equal for r in plain)
     text += (

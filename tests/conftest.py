@@ -117,6 +117,18 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class StopGradient(torch.autograd.Function):
+    """A custom autograd Function whose backward differs from its forward's (a trace keeps only the forward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
+
+
 class PlainSequential(nn.Module):
     """No residual anywhere: auto falls back to weighted children of the Sequential."""
 

@@ -53,7 +53,7 @@ def test_transform_time_quick_run_times_every_stage(tmp_path):
     assert rows["resnet18"]["blocks"] == 8 and rows["residual48"]["blocks"] == 48
     for r in rows.values():
         stages = r["stages_s"]
-        assert set(stages) == {"trace", "shapes", "boundaries", "select", "rewrite"}
+        assert set(stages) == {"trace", "shapes", "boundaries", "select", "rewrite", "check"}
         assert all(v > 0 for k, v in stages.items() if k != "select")
         assert sum(stages.values()) <= r["total_s"] * 1.01 + 1e-3
         assert r["nodes"] > 50

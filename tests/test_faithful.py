@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 import simfx
 from simfx.rewrite import plain_graph
-from conftest import ConvBlock
+from conftest import ConvBlock, StopGradient
 
 
 def _outputs_match(a, b):
@@ -656,15 +656,6 @@ def test_numpy_and_zero_dim_tensor_scalars_are_accepted_as_options():
 class HiddenDetach(nn.Module):
     """A detach fx cannot see: a custom autograd Function that stops gradients (its backward is lost)."""
 
-    class _Stop(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return torch.zeros_like(grad)
-
     def __init__(self):
         super().__init__()
         self.stem = nn.Linear(8, 8)
@@ -672,11 +663,11 @@ class HiddenDetach(nn.Module):
         self.head = nn.Linear(8, 2)
 
     def forward(self, x):
-        return self.head(self.blocks(self._Stop.apply(self.stem(x))))
+        return self.head(self.blocks(StopGradient.apply(self.stem(x))))
 
 
 def test_a_custom_backward_in_the_models_own_forward_is_refused():
-    with pytest.raises(simfx.FaithfulnessError, match=r"custom autograd Function .*_Stop.*Move that code into a submodule"):
+    with pytest.raises(simfx.FaithfulnessError, match=r"custom autograd Function .*StopGradient.*Move that code into a submodule"):
         simfx.transform(HiddenDetach(), torch.randn(2, 4, 8), frontend="fx")
 
 

@@ -32,7 +32,7 @@ import simfx
 from simfx import compat, model_spec, objectives, trace
 from simfx.options import SimOptions
 
-from conftest import ConvBlock, TinyResNet
+from conftest import ConvBlock, StopGradient, TinyResNet
 
 PACKAGE = pathlib.Path(simfx.__file__).parent
 draw_module = importlib.import_module("simfx.draw")  # simfx.draw is the function
@@ -100,16 +100,6 @@ class TensorCheck(nn.Module):
     def forward(self, x):
         y = self.blocks(x)
         return y * 2 if isinstance(y, torch.Tensor) else y
-
-
-class StopGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.zeros_like(grad)
 
 
 class CustomBackward(TinyResNet):

@@ -59,6 +59,7 @@ def test_model_transforms_trains_evaluates_and_compiles(zoo_name, name):
     result = zoo.check_model(specs[name], compile_backend="aot_eager")
     assert result.error == "", f"{result.stage}: {result.error}"
     assert result.traced and result.step_ok and result.eval_equal and result.compile_ok
+    assert result.check == "passed"
     assert result.boundaries and result.boundaries > 0
 
 
