@@ -147,6 +147,14 @@ def _without_module(name, call):
     return run
 
 
+def _with_module(name, call):
+    """A trigger that needs an optional library: its row skips where that is not installed."""
+    def run():
+        pytest.importorskip(name)
+        call()
+    return run
+
+
 def _dot_missing(monkeypatch):
     monkeypatch.setattr(draw_module.shutil, "which", lambda name: None)
     simfx.draw(_sim(), "graph.svg", engine="dot")
@@ -230,7 +238,7 @@ MESSAGES = {
     "model_spec.py:_torchvision:SpecError#1": (lambda: model_spec.load_model("torchvision:resnet5"), r"torchvision has no model 'resnet5'"),
     "model_spec.py:_torchvision:SpecError#2": (lambda: model_spec.load_model("torchvision:resnet18", {"bogus": 1}), r"torchvision:resnet18 rejected --model-arg \{'bogus': 1\}"),
     "model_spec.py:_timm:SpecError#1": (_without_module("timm", lambda: model_spec.load_model("timm:resnet18")), r"timm is not installed; pip install timm"),
-    "model_spec.py:_timm:SpecError#2": (lambda: model_spec.load_model("timm:resnet_nonexistent"), r"timm has no model 'resnet_nonexistent'"),
+    "model_spec.py:_timm:SpecError#2": (_with_module("timm", lambda: model_spec.load_model("timm:resnet_nonexistent")), r"timm has no model 'resnet_nonexistent'"),
     "model_spec.py:_factory:SpecError#1": (lambda: model_spec.load_model("missing_dir/none.py:make"), r"no such file 'missing_dir/none\.py' \(from MODEL"),
     "model_spec.py:_factory:SpecError#2": (lambda: model_spec.load_model("simfx_no_such_module:make"), r"cannot import 'simfx_no_such_module' \(from MODEL 'simfx_no_such_module:make'\)"),
     "model_spec.py:_factory:SpecError#3": (lambda tmp_path: _factory_file(tmp_path, "def build():\n    pass\n"), r"has no callable 'make'; callables there: build"),
