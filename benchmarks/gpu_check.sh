@@ -48,6 +48,7 @@ done
 [[ $part =~ ^(all|tests|bench)$ ]] || { echo "gpu_check.sh: --part is all, tests or bench, got '$part'" >&2; exit 2; }
 [[ $budget =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: --budget takes whole seconds, got '$budget'" >&2; exit 2; }
 
+[[ $outdir == /* ]] || outdir=$PWD/$outdir  # relative to where it was called, not the repository
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
@@ -77,7 +78,6 @@ EOF
 fi
 
 mkdir -p "$outdir" || exit 2
-outdir=$(cd "$outdir" && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/simfx-gpu-check.XXXXXX")  # compile caches: large, not results
 trap 'rm -rf "$work"' EXIT
 steps="$work/steps.tsv"

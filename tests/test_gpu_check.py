@@ -29,9 +29,10 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
                                 reason="gpu_check.sh needs bash and coreutils' timeout")
 
 
-def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _run(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable}  # the interpreter running these tests, not PATH's python3
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=timeout)
 
 
 def _summary(folder: Path) -> dict[str, dict]:
@@ -90,18 +91,19 @@ def test_dry_run_collects_the_gpu_tests_in_two_halves(tmp_path):
 
 
 def test_dry_run_of_the_benchmarks_gives_commands_their_scripts_accept(tmp_path):
-    done = _run("--dry-run", "--part", "bench", str(tmp_path))
+    done = _run("--dry-run", "--part", "bench", "results", cwd=tmp_path)  # OUTDIR relative to the caller
     assert done.returncode == 0, done.stdout + done.stderr
-    steps = _summary(tmp_path)
+    out = tmp_path / "results"
+    steps = _summary(out)
     assert list(steps) == ["first-compile", "overhead"] and all(s["status"] == "dry run" for s in steps.values())
     for step, script in (("first-compile", "first_compile.py"), ("overhead", "overhead.py")):
-        line = (tmp_path / steps[step]["log"]).read_text()
+        line = (out / steps[step]["log"]).read_text()
         command = shlex.split(line.split(": ", 1)[1])
         assert command[1] == f"benchmarks/{script}"
         with loaded_script(ROOT / "benchmarks" / script, f"gpu_check_{step.replace('-', '_')}") as module:
             args = module.parse_args(command[2:])  # every flag the check passes exists
         assert (args.device, args.image_size, args.batch, args.dtype) == ("cuda", 224, 128, "bf16")
-        assert args.out == str(tmp_path)
+        assert args.out == str(out)
     assert args.models == ["resnet50"] and args.modes == ["eager", "compiled", "reduce-overhead"]
 
 
