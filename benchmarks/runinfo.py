@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import simfx
 
-__all__ = ["machine_info", "load_average", "median", "write_results", "command_line", "run_meta"]
+__all__ = ["machine_info", "load_average", "median", "write_results", "command_line", "run_meta", "markdown_header"]
 
 
 def machine_info() -> dict:
@@ -75,6 +75,17 @@ def run_meta(script: str, argv, started, load_before) -> dict:
         "load_average_after": load_average(),
         "machine": machine_info(),
     }
+
+
+def markdown_header(meta: dict, details: str) -> list[str]:
+    """A result's first Markdown lines: the command, then date, machine, torch, load and ``details``."""
+    m = meta["machine"]
+    return [
+        f"Command: `{meta['command']}`  ",
+        f"Date: {meta['date']}; {m.get('gpu') or m['cpu_model']}, {m['cpu_count']} cores ({m['machine']}), "
+        f"{m['torch_threads']} torch threads, torch {m['torch']}; load average before/after "
+        f"{meta['load_average_before']}/{meta['load_average_after']}; {details}",
+    ]
 
 
 def write_results(out: str | os.PathLike, stem: str, payload: dict, markdown: str) -> Path:

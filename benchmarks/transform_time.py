@@ -37,7 +37,7 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # runinfo, however this file is loaded
-from runinfo import load_average, median, run_meta, write_results  # noqa: E402
+from runinfo import load_average, markdown_header, median, run_meta, write_results  # noqa: E402
 
 import simfx
 import simfx.api
@@ -174,13 +174,9 @@ def linearity(rows: list[dict]) -> dict | None:
 
 
 def markdown(rows, compile_row, lin, meta) -> str:
-    m = meta["machine"]
     lines = [
-        f"Command: `{meta['command']}`  ",
-        f"Date: {meta['date']}; {m['cpu_model']}, {m['cpu_count']} cores ({m['machine']}), "
-        f"{m['torch_threads']} torch threads, torch {m['torch']}; load average before/after "
-        f"{meta['load_average_before']}/{meta['load_average_after']}. Transform and stage times are "
-        f"process CPU seconds (medians), wall seconds in brackets.",
+        *markdown_header(meta, "transform and stage times are process CPU seconds (medians), wall seconds in "
+                               "brackets."),
         "",
         "| model | graph nodes | SIM blocks | transform s (wall s) | " + " | ".join(f"{s} s" for s in STAGES)
         + " | ms / node |",

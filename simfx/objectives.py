@@ -185,9 +185,12 @@ class RhoSim(nn.Module):
 
     def forward(self, x_tokens: Tensor, y_tokens: Tensor) -> Tensor:
         weight = self.predictor.weight
+        # Prediction first: autocast caches its casts of the shared projector's weights
+        # for the rest of the region, and on torch 2.5 a cast made under no_grad first
+        # was reused here without a grad_fn, so `proj` got no gradient under AMP.
+        prediction = self.predictor(self.proj(self.pre_proj(y_tokens.to(weight.dtype))))
         with torch.no_grad():
             target = self.proj(x_tokens.to(weight.dtype))
-        prediction = self.predictor(self.proj(self.pre_proj(y_tokens.to(weight.dtype))))
         return sim_loss_value(prediction, target, self.loss)
 
     def extra_repr(self) -> str:

@@ -61,8 +61,18 @@ def loaded_script(path: Path, name: str):
         sys.modules.pop(spec.name, None)
 
 
-def requires_cuda():
-    return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skip them where there is none.
+
+    One marker both skips them on CPU and selects them on a GPU machine
+    (``python -m pytest -m gpu``, as ``benchmarks/gpu_check.sh`` runs them).
+    """
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 class InlineResidualNet(nn.Module):

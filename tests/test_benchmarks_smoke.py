@@ -22,28 +22,61 @@ from conftest import loaded_script
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, out: Path, *args: str) -> dict:
+def _run(script: str, out: Path, *args: str, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == returncode, done.stderr[-3000:]
     return done
 
 
 def test_overhead_quick_run_writes_consistent_results(tmp_path):
-    _run("overhead.py", tmp_path)
+    # aot_eager: the compiled rows' code path in seconds (inductor on 2 CPU cores takes minutes).
+    _run("overhead.py", tmp_path, "--modes", "eager", "compiled", "--backend", "aot_eager")
     payload = json.loads((tmp_path / "overhead-cpu.json").read_text())
     assert (tmp_path / "overhead-cpu.md").read_text().startswith("Command: `python benchmarks/overhead.py --quick")
-    rows = {r["variant"]: r for r in payload["results"][0]["rows"]}
-    assert set(rows) == {"baseline", "simfx", "hooks"}
-    assert rows["baseline"]["ratio"] == 1.0 and all(r["median_ms"] > 0 and r["steps"] == 2 for r in rows.values())
+    result = payload["results"][0]
+    rows = {(r["mode"], r["variant"]): r for r in result["rows"]}
+    assert set(rows) == {(mode, v) for mode in ("eager", "compiled") for v in ("baseline", "simfx", "hooks")}
+    assert result["failed"] == []
+    for (mode, variant), r in rows.items():
+        assert r["median_ms"] > 0 and r["steps"] == 2 and r["peak_mb"] > 0 and r["first_step_s"] > 0
+        assert r["ratio"] == 1.0 if variant == "baseline" else r["ratio"] > 0
+        # Compiling changes kernels, not arithmetic: a compiled row has its eager row's FLOPs and floor.
+        assert r["gflops"] == rows[("eager", variant)]["gflops"]
+        assert r["flop_floor"] == pytest.approx(1 + r["added_flops_pct"] / 100, abs=1e-3)
     # SIM adds work, and the hand-written version adds the same matmuls on the same blocks.
-    assert rows["simfx"]["added_flops_pct"] > 1
-    assert rows["hooks"]["gflops"] == pytest.approx(rows["simfx"]["gflops"], rel=0.01)
-    assert all(r["peak_mb"] > 0 for r in rows.values())
+    assert rows[("eager", "simfx")]["added_flops_pct"] > 1
+    assert rows[("eager", "hooks")]["gflops"] == pytest.approx(rows[("eager", "simfx")]["gflops"], rel=0.01)
+    assert set(result["comparisons"]) >= {"simfx_eager_vs_hooks", "simfx_compiled_vs_hooks_compiled",
+                                          "hooks_eager_vs_simfx_compiled", "simfx_compiled_vs_fastest_baseline"}
+    assert payload["targets"] == []  # the targets speak of inductor, not of aot_eager
     assert payload["meta"]["load_average_before"] is None or len(payload["meta"]["load_average_before"]) == 3
+
+
+def test_first_compile_quick_run_compiles_each_variant_in_its_own_empty_cache(tmp_path):
+    cache_root = tmp_path / "caches"
+    _run("first_compile.py", tmp_path, "--cache-root", str(cache_root))
+    payload = json.loads((tmp_path / "first-compile-cpu.json").read_text())
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert set(rows) == {"baseline", "simfx"}
+    assert {rows[v]["cache_dir"] for v in rows} == {str(cache_root / "baseline-default"), str(cache_root / "simfx-default")}
+    for r in rows.values():
+        assert r["first_step_s"] > 0 and len(r["later_steps_s"]) == 1 and r["process_s"] >= r["first_step_s"]
+    assert rows["baseline"]["transform_s"] is None and rows["simfx"]["transform_s"] > 0
+    [ratio] = payload["ratios"]
+    assert ratio["first_step_ratio"] == pytest.approx(rows["simfx"]["first_step_s"] / rows["baseline"]["first_step_s"],
+                                                      rel=1e-2)
+
+
+def test_first_compile_refuses_a_cache_that_is_not_empty(tmp_path):
+    stale = tmp_path / "caches" / "baseline-default" / "fxgraph"
+    stale.mkdir(parents=True)
+    (stale / "entry").write_text("a compiled graph from an earlier run")
+    refused = _run("first_compile.py", tmp_path, "--cache-root", str(tmp_path / "caches"), returncode=1)
+    assert "is not empty, so the compile would not be cold" in refused.stderr
 
 
 def test_transform_time_quick_run_times_every_stage(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -23,6 +24,8 @@ def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def test_inspect_torchvision_resnet18_writes_report_svg_and_json(tmp_path, capsys):
+    if shutil.which("dot") is None:  # --svg draws with graphviz, else with matplotlib
+        pytest.importorskip("matplotlib")
     md, svg, js = tmp_path / "r.md", tmp_path / "r.svg", tmp_path / "out" / "r.json"
     code = main(["inspect", "torchvision:resnet18", "--input-shape", "2,3,32,32",
                  "--report", str(md), "--svg", str(svg), "--json", str(js)])
@@ -83,6 +86,8 @@ def test_bad_arguments_in_a_subprocess():
 
 
 def test_demo_tiny_run(tmp_path, capsys):
+    for name in ("sklearn", "matplotlib", "tqdm"):  # simfx[demo]
+        pytest.importorskip(name)
     png = tmp_path / "curves.png"
     code = main(["demo", "--epochs", "1", "--subset", "48", "--batch-size", "24", "--image-size", "32",
                  "--no-progress", "--out", str(png)])

@@ -22,7 +22,6 @@ from torch._dynamo.utils import counters
 import simfx
 from conftest import TinyResNet
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def small_vit():
@@ -183,7 +182,7 @@ def test_export_of_stripped_module_equals_the_original():
         assert torch.equal(exported.module()(x), model(x))
 
 
-# --- GPU (run through the device tool when a session has one) ----------------------
+# --- GPU (marked gpu: skipped without CUDA; benchmarks/gpu_check.sh runs them) --------
 
 
 def _resnet50_cuda(**options):
@@ -207,7 +206,7 @@ def _train_compiled(sim, compiled, steps=3, batch=8, dtype=torch.bfloat16):
     return torch.stack(losses)
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", [None, "reduce-overhead", "max-autotune-no-cudagraphs"])
 def test_cuda_inductor_modes_train_resnet50(mode):
     sim = _resnet50_cuda()
@@ -218,7 +217,7 @@ def test_cuda_inductor_modes_train_resnet50(mode):
     assert counters["inductor"]["cudagraph_skips"] == 0
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_sampling_stays_on_device_without_host_sync():
     for sampling in ("shared", "per_sample", "topk_mean"):
         sim = _resnet50_cuda(token_sampling=sampling)
@@ -246,7 +245,7 @@ def test_cuda_sampling_stays_on_device_without_host_sync():
     assert graph_devices == {"cuda"}
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_fp16_with_grad_scaler():
     sim = _resnet50_cuda()
     scaler = torch.amp.GradScaler("cuda")

@@ -16,7 +16,7 @@ from torch import nn
 import simfx
 from simfx import monitor
 
-from conftest import TinyResNet, requires_cuda
+from conftest import TinyResNet
 
 
 def _train_step(sim, *inputs):
@@ -144,7 +144,7 @@ def test_deferred_device_checks_report_once_their_event_completes(monkeypatch):
     assert [w.message.blocks for w in caught] == [("y",)] and not monitor._pending
 
 
-@requires_cuda()
+@pytest.mark.gpu
 def test_cuda_non_finite_block_is_reported_without_a_sync():
     model = TwoBranches().cuda()
     sim = simfx.transform(model, torch.randn(2, 6, 4, device="cuda"), blocks=["a", "b"])
@@ -207,7 +207,7 @@ def test_example_inputs_on_the_meta_device_for_a_cpu_model():
     _assert_eval_matches(sim, model, torch.randn(2, 3, 8, 8))
 
 
-@requires_cuda()
+@pytest.mark.gpu
 def test_cuda_model_with_cpu_example_inputs():
     model = TinyResNet().cuda()
     sim = simfx.transform(model, torch.randn(2, 3, 8, 8))

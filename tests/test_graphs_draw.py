@@ -20,6 +20,12 @@ def sim():
     return simfx.transform(TinyResNet(), torch.randn(*IMAGE))
 
 
+@pytest.fixture(scope="module")
+def inline_sim():
+    torch.manual_seed(0)
+    return simfx.transform(InlineResidualNet(), torch.randn(2, 10, 8))
+
+
 def test_networkx_graph_has_every_node_with_attributes(sim):
     g = simfx.to_networkx(sim)
     assert list(g.nodes) == [n.name for n in sim.graph.nodes]
@@ -66,6 +72,7 @@ def _svg(path):
 
 @pytest.mark.parametrize("full", [False, True], ids=["collapsed", "full"])
 def test_matplotlib_svg_has_block_clusters_and_reconstructors(sim, tmp_path, full):
+    pytest.importorskip("matplotlib")
     out = simfx.draw(sim, tmp_path / "g.svg", full=full, engine="matplotlib")
     ids, text, raw = _svg(out)
     for block in sim.sim_blocks:
@@ -87,13 +94,16 @@ def test_dot_svg_has_block_clusters(sim, tmp_path):
         assert f"cluster_{block.name}" in ids and f"box_sim:{block.name}" in ids
 
 
-def test_other_formats_and_inline_residuals(tmp_path):
-    sim = simfx.transform(InlineResidualNet(), torch.randn(2, 10, 8))
-    dot = simfx.draw(sim, tmp_path / "g.dot").read_text()
-    assert dot.count("subgraph cluster_") == len(sim.sim_blocks)
-    png = simfx.draw(sim, tmp_path / "g.png", engine="matplotlib")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_dot_source_of_inline_residuals_and_bad_arguments(inline_sim, tmp_path):
+    dot = simfx.draw(inline_sim, tmp_path / "g.dot").read_text()  # the DOT source needs no graphviz
+    assert dot.count("subgraph cluster_") == len(inline_sim.sim_blocks)
     with pytest.raises(ValueError, match=r"\.svg"):
-        simfx.draw(sim, tmp_path / "g.pdf")
+        simfx.draw(inline_sim, tmp_path / "g.pdf")
     with pytest.raises(TypeError):
         simfx.draw(InlineResidualNet(), tmp_path / "g.svg")
+
+
+def test_matplotlib_png_of_inline_residuals(inline_sim, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = simfx.draw(inline_sim, tmp_path / "g.png", engine="matplotlib")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
