@@ -44,12 +44,17 @@ VIDEO_SHAPES = ((3, 4, 64, 64), (3, 8, 64, 64), (3, 8, 112, 112), (3, 16, 112, 1
 
 @dataclass
 class ModelSpec:
-    """How to build one zoo model and which input shapes (without batch) to probe, smallest first."""
+    """How to build one zoo model and which input shapes (without batch) to probe, smallest first.
+
+    Library models that take more than an image (token ids, masks, a timestep) give
+    ``built``: a function returning ``(model, example_inputs)`` instead of ``build``.
+    """
 
     name: str
     zoo: str
-    build: Callable[[], torch.nn.Module] = field(repr=False)
+    build: Callable[[], torch.nn.Module] | None = field(default=None, repr=False)
     shapes: tuple[tuple[int, ...], ...] = tuple((3, s, s) for s in IMAGE_SIZES)
+    built: Callable[[], tuple[torch.nn.Module, Any]] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -169,10 +174,18 @@ def _timm() -> list[ModelSpec]:
     return specs
 
 
+def _libraries() -> list[ModelSpec]:
+    sys.path.insert(0, str(HERE))
+    from library_models import LIBRARY_MODELS
+
+    return [ModelSpec(name, "libraries", built=built) for name, built in LIBRARY_MODELS.items()]
+
+
 ZOOS: dict[str, Callable[[], list[ModelSpec]]] = {
     "torchvision": _torchvision_classification,
     "torchvision-extra": _torchvision_extra,
     "timm": _timm,
+    "libraries": _libraries,
 }
 
 
@@ -244,6 +257,15 @@ def outputs_identical(expected: Any, got: Any) -> bool:
     return True
 
 
+def _call(module, example: Any):
+    """Call ``module`` the way ``example_inputs`` describe a call: a tensor, positional args, or keywords."""
+    if isinstance(example, dict):
+        return module(**example)
+    if isinstance(example, (tuple, list)):
+        return module(*example)
+    return module(example)
+
+
 def smallest_input(model: torch.nn.Module, shapes, batch: int = 2) -> tuple[int, ...]:
     """The first shape (with batch) a training-mode forward of a copy of ``model`` accepts."""
     probe = copy.deepcopy(model).train()
@@ -267,13 +289,19 @@ def check_model(spec: ModelSpec, compile_backend: str | None = None, batch: int 
     stage = "build"
     try:
         torch.manual_seed(0)
-        model = spec.build()
+        if spec.built is not None:
+            model, example = spec.built()
+            inputs = lambda: example  # noqa: E731 - the library example, again
+        else:
+            model = spec.build()
         result.params = sum(p.numel() for p in model.parameters())
         result.plain_fx = plain_fx_traces(model)
         stage = "input"
-        shape = smallest_input(model, spec.shapes, batch)
-        result.input_shape = list(shape)
-        example = torch.randn(*shape)
+        if spec.built is None:
+            shape = smallest_input(model, spec.shapes, batch)
+            example = torch.randn(*shape)
+            inputs = lambda: torch.randn(*shape)  # noqa: E731 - a fresh batch of the same shape
+        result.input_shape = list(_tensors(example)[0].shape)
 
         stage = "transform"
         sim = simfx.transform(model, example)
@@ -291,7 +319,7 @@ def check_model(spec: ModelSpec, compile_backend: str | None = None, batch: int 
         stage = "train step"
         sim.train()
         optimizer = torch.optim.SGD(sim.parameters(), lr=1e-3)
-        out, sim_loss = sim(torch.randn(*shape))
+        out, sim_loss = _call(sim, inputs())
         if not torch.isfinite(sim_loss) or not sim_loss > 0:
             raise RuntimeError(f"sim_loss is {sim_loss.item()}")
         (_task_loss(out) + sim_loss).backward()
@@ -303,12 +331,12 @@ def check_model(spec: ModelSpec, compile_backend: str | None = None, batch: int 
         result.step_ok = True
 
         stage = "eval equality"
-        x = torch.randn(*shape)
+        x = inputs()
         model.eval()
         sim.eval()
         with torch.no_grad():
-            expected = model(x)
-            got, zero = sim(x)
+            expected = _call(model, x)
+            got, zero = _call(sim, x)
         pairs = list(zip(_tensors(expected), _tensors(got)))
         result.eval_equal = outputs_identical(expected, got) and float(zero) == 0.0
         if not result.eval_equal:
@@ -321,7 +349,7 @@ def check_model(spec: ModelSpec, compile_backend: str | None = None, batch: int 
             torch._dynamo.reset()
             sim.train()
             compiled = torch.compile(sim, backend=compile_backend, fullgraph=True)
-            out, sim_loss = compiled(torch.randn(*shape))
+            out, sim_loss = _call(compiled, inputs())
             (_task_loss(out) + sim_loss).backward()
             if not torch.isfinite(sim_loss):
                 raise RuntimeError("compiled sim_loss is not finite")

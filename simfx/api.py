@@ -252,15 +252,17 @@ def _analyse(model, inputs: ExampleInputs, frontend: str, capture: _Capture, sel
         lost = _lost_outside_calls(traced, plan)
         if not lost:
             return _Built(traced, shapes, candidates, plan)
+        already = set(leaves)
         for finding in lost:
-            if not finding.module or finding.module in leaves:
+            if not finding.module or finding.module in already:
                 raise FaithfulnessError(
                     f"simfx cannot trace {type(model).__name__} faithfully: {finding.describe()}. Move that code "
                     f"into a submodule (simfx then runs it as one call), or use frontend='export' where it is "
                     f"supported."
                 )
-            leaves.append(finding.module)
-            reasons[finding.module] = f"made opaque: {finding.describe()}"
+            if finding.module not in reasons:
+                leaves.append(finding.module)
+                reasons[finding.module] = f"made opaque: {finding.describe()}"
 
 
 def _new_structures(shapes: GraphShapes, known: Mapping[str, Any], model: nn.Module) -> bool:

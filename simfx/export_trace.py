@@ -32,6 +32,7 @@ What the export path cannot do (documented in the README):
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 
 import torch
@@ -42,7 +43,7 @@ from torch.utils import _pytree as pytree
 from .errors import FaithfulnessError, TraceError
 from .inputs import CallTemplate, ExampleInputs, bound_forward_class
 from .recorders import TraceRecorder
-from .trace import SCOPE_KEY, TracedModel, fetch_attr, has_hooks, hooks_suppressed, preserved_module_state, scope_from_module_stack
+from .trace import GRAD_KEY, SCOPE_KEY, TracedModel, fetch_attr, has_hooks, hooks_suppressed, preserved_module_state, scope_from_module_stack
 
 __all__ = ["export_model"]
 
@@ -84,7 +85,7 @@ def export_model(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
     with preserved_module_state(model), hooks_suppressed(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
         root.train(True)
-        with recorder:
+        with recorder, torch.enable_grad():  # grad-mode switches in the graph are relative to this
             program, args = _export(root, args, model)
     findings = [f for f in recorder.findings]
     if findings:
@@ -166,6 +167,7 @@ def _rooted_graph(gm: fx.GraphModule, root: nn.Module, model: nn.Module, mode: s
     flat_outputs = graph.graph_copy(gm.graph, values)
     spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "out_spec", None)
 
+    _stamp_grad_modes(graph)
     for node in list(graph.nodes):
         node.meta[SCOPE_KEY] = scope_from_module_stack(root, node)
         if node.op not in ("get_attr", "call_module"):
@@ -196,6 +198,38 @@ def _rooted_graph(gm: fx.GraphModule, root: nn.Module, model: nn.Module, mode: s
     graph.output(result)
     graph.lint()
     return graph
+
+
+def _stamp_grad_modes(graph: fx.Graph) -> None:
+    """Grad-mode switches restore the caller's mode; every node is stamped with the mode it runs under.
+
+    Export records ``no_grad`` regions either as ``_set_grad_enabled`` calls in line
+    (torch 2.5), whose closing call hard-codes the mode export ran under (enabled),
+    or as one ``wrap_with_set_grad_enabled`` call per region. The closing calls
+    here switch back to the mode the caller had on entry instead, and
+    ``node.meta["simfx_grad_enabled"]`` says, as the fx frontend does, which nodes
+    run without gradients (the boundaries stage keeps blocks there out of SIM).
+    """
+    wrap = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    switches = [n for n in graph.nodes if n.op == "call_function" and n.target is torch._C._set_grad_enabled]
+    if any(n.args and n.args[0] is True for n in switches):
+        first = next(n for n in graph.nodes if n.op != "placeholder")
+        with graph.inserting_before(first):
+            caller_mode = graph.call_function(torch.is_grad_enabled, ())
+        for node in switches:
+            if node.args and node.args[0] is True:
+                node.args = (caller_mode,)
+    enabled = True
+    for node in graph.nodes:
+        if node in switches and node.args:
+            enabled = node.args[0] is not False
+        source = node.args[0] if node.target is operator.getitem and node.args else None
+        if wrap is not None and node.target is wrap and isinstance(node.args[0], bool):
+            node.meta[GRAD_KEY] = node.args[0]
+        elif isinstance(source, fx.Node) and wrap is not None and source.target is wrap and GRAD_KEY in source.meta:
+            node.meta[GRAD_KEY] = source.meta[GRAD_KEY]
+        else:
+            node.meta[GRAD_KEY] = enabled
 
 
 def _children(spec):
