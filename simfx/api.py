@@ -25,7 +25,7 @@ from .boundaries import Boundary, find_candidates
 from .check import check_training_graph
 from .errors import ExampleInputsError, FaithfulnessError, NoEligibleBlockError, TraceError
 from .graph_module import SimGraphModule
-from .inputs import ExampleInputs, example_inputs as as_example_inputs
+from .inputs import ExampleInputs, example_inputs as as_example_inputs, training_inputs
 from .options import SimOptions
 from .rewrite import collapsible_frames, rewrite
 from .select import Plan, select_blocks
@@ -165,17 +165,28 @@ class _Built:
     candidates: list[Boundary]
     plan: Plan
     sim: SimGraphModule | None = None
+    notes: tuple[str, ...] = ()
 
 
-def _build(model, inputs, capture: _Capture, selection: _Selection, *, per_block: bool, check: bool) -> _Built:
+def _build(model, user_inputs, capture: _Capture, selection: _Selection, *, per_block: bool, check: bool) -> _Built:
     """Capture with the chosen frontend, select, rewrite and check; ``auto`` falls back to export."""
     if capture.frontend not in FRONTENDS:
         raise ValueError(f"frontend={capture.frontend!r} is not one of {FRONTENDS}.")
+    inputs, flags = training_inputs(model, user_inputs)
+    notes = tuple(
+        f"{name}={value!r} is passed to {type(model).__name__}.forward in training (the example leaves it to the "
+        f"model's default; training does not need it); eval mode calls the model as you do"
+        for name, value in flags.items()
+    )
 
     def attempt(frontend: str) -> _Built:
         built = _analyse(model, inputs, frontend, capture, selection)
+        built.notes = notes
         if built.plan.blocks:
-            built.sim = rewrite(built.traced, built.plan, candidates=built.candidates, per_block=per_block)
+            built.sim = rewrite(
+                built.traced, built.plan, candidates=built.candidates, per_block=per_block,
+                eval_call=built.traced.call.without(tuple(flags)), notes=notes,
+            )
             status = check_training_graph(built.sim, built.traced) if check else "skipped: check=False"
             built.sim.simfx_info = _with_check(built.sim.simfx_info, status)
         return built
@@ -317,14 +328,16 @@ class BoundaryRow:
 class BoundaryTable(list):
     """A list of :class:`BoundaryRow` that prints as a table.
 
-    ``opaque`` maps modules kept opaque to the reason; ``frontend`` is the tracer used.
+    ``opaque`` maps modules kept opaque to the reason; ``frontend`` is the tracer used;
+    ``notes`` say what simfx passes to the model's forward in training beyond the example.
     """
 
     def __init__(self, rows: Iterable[BoundaryRow] = (), *, opaque: Mapping[str, str] | None = None,
-                 frontend: str = "fx"):
+                 frontend: str = "fx", notes: Sequence[str] = ()):
         super().__init__(rows)
         self.opaque = dict(opaque or {})
         self.frontend = frontend
+        self.notes = tuple(notes)
 
     def selected(self) -> list[BoundaryRow]:
         return [r for r in self if r.selected]
@@ -354,6 +367,7 @@ class BoundaryTable(list):
         if self.opaque:
             lines.append(f"{len(self.opaque)} module(s) kept opaque:")
             lines.extend(f"  {name}: {reason}" for name, reason in self.opaque.items())
+        lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -401,4 +415,5 @@ def find_boundaries(
         (BoundaryRow(b, b.name in chosen, plan.decisions.get(b.name, b.reason)) for b in built.candidates),
         opaque=traced.opaque,
         frontend=traced.frontend,
+        notes=built.notes,
     )

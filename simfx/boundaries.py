@@ -32,7 +32,16 @@ from torch import nn
 from .shapes import GraphShapes, TensorMeta, _weight_layer_channel_dim, op_name
 from .trace import GRAD_KEY, SCOPE_KEY, ScopeFrame, fetch_attr, weight_layers
 
-__all__ = ["Boundary", "find_candidates", "layout_name", "token_count"]
+__all__ = ["Boundary", "Port", "find_candidates", "layout_name", "token_count"]
+
+
+@dataclass(frozen=True)
+class Port:
+    """One tensor crossing a boundary: its node, its shape and dtype, and its channel axis."""
+
+    node: str
+    meta: TensorMeta
+    channel_dim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -45,9 +54,14 @@ class Boundary:
         kind: ``"module"`` or ``"residual"`` (a region found on the graph).
         module_type: the module's class (None for a residual region).
         nodes: fx node names in the region, in graph order.
-        entry, exit: fx node names of ``x`` and ``y`` (None when not a boundary).
+        entry, exit: fx node names of ``x`` and ``y``, the primary input and output
+            SIM reads (None when not a boundary).
         in_meta, out_meta: shapes and dtypes at the example inputs.
         in_channel_dim, out_channel_dim: inferred channel axes of ``x`` and ``y``.
+        inputs, outputs: every tensor flowing in and out (:class:`Port`), the primary
+            ones among them; the other inputs are context (a mask, a timestep), the
+            other outputs side outputs (an RNN's state). Choose another primary with
+            the ``primary_input``/``primary_output`` options (a position in these).
         residual: the region ends in a residual add of its own.
         opaque: a leaf module kept opaque by a registration (one graph node).
         produces_output: ``y`` is (part of) the model's output.
@@ -76,6 +90,18 @@ class Boundary:
     eligible: bool = True
     reason: str = ""
     module_name: str | None = field(default=None, compare=False)
+    inputs: tuple[Port, ...] = ()
+    outputs: tuple[Port, ...] = ()
+
+    @property
+    def context(self) -> tuple[str, ...]:
+        """Names of the inputs SIM does not read (masks, embeddings, timesteps)."""
+        return tuple(p.node for p in self.inputs if p.node != self.entry)
+
+    @property
+    def side_outputs(self) -> tuple[str, ...]:
+        """Names of the outputs SIM does not read."""
+        return tuple(p.node for p in self.outputs if p.node != self.exit)
 
     @property
     def in_shape(self) -> tuple[int, ...] | None:
@@ -303,6 +329,8 @@ class _Region:
     entry: fx.Node | None = None
     exit: fx.Node | None = None
     reason: str = ""
+    inputs: list[fx.Node] = field(default_factory=list)  # every tensor flowing in, the entry among them
+    outputs: list[fx.Node] = field(default_factory=list)  # every tensor leaving, the exit among them
 
 
 def find_candidates(
@@ -375,7 +403,16 @@ def find_candidates(
 
 
 def _analyse_region(nodes: list[fx.Node], facts: _GraphFacts) -> _Region:
-    """Entry, exit and the first reason the region is not a single-in/single-out boundary."""
+    """Primary entry and exit, the other tensors crossing the region, and why it cannot take SIM.
+
+    A region may take several tensors in and give several out. The *primary*
+    input and output are the ones SIM reads: the output is the batch-major float
+    tensor that keeps an input's layout (else the first one the block returns),
+    and the input is the one in the output's layout (same shape, else same rank;
+    ties go to the first used). The other inputs are context the reconstructor
+    ignores (a mask, position embeddings, a timestep), the other outputs side
+    outputs (an RNN's ``(h, c)``); both flow on unchanged.
+    """
     inside = set(nodes)
     region = _Region(nodes)
     inputs: list[fx.Node] = []
@@ -383,58 +420,74 @@ def _analyse_region(nodes: list[fx.Node], facts: _GraphFacts) -> _Region:
         for a in n.all_input_nodes:
             if a not in inside and a in facts.activation and a not in inputs:
                 inputs.append(a)
-    tensor_inputs = []
-    for a in inputs:
-        meta = facts.metas.get(a.name)
-        if isinstance(meta, TensorMeta):
-            tensor_inputs.append(a)
-        elif isinstance(meta, tuple):
-            tensor_inputs.extend([a] * _tensor_count(meta))
+    region.inputs = [a for a in inputs if facts.tensor_meta(a) is not None]
     # Values leaving the region: activations only (a batch size or shape computed
     # inside and reused later, as export graphs do, is not a second output).
-    outputs = [
+    leaving = [
         n for n in nodes
         if n in facts.activation and any(u not in inside and u in facts.live for u in n.users)
     ]
+    region.outputs = [o for n in leaving for o in _leaving_tensors(n, inside, facts)]
 
-    if not tensor_inputs:
+    if not inputs:
         region.reason = "no activation tensor flows in"
-    elif len(tensor_inputs) > 1:
-        names = ", ".join(dict.fromkeys(a.name for a in tensor_inputs))
-        region.reason = f"{len(tensor_inputs)} tensors flow in ({names})"
-    elif not outputs:
+    elif not region.inputs:
+        region.reason = "no single tensor flows in"
+    elif not leaving:
         region.reason = "its result is never used"
-    elif len(outputs) > 1:
-        region.reason = f"{len(outputs)} values leave it ({', '.join(o.name for o in outputs)})"
+    elif not region.outputs:
+        region.reason = "its result is not a tensor"
     else:
-        region.entry, region.exit = tensor_inputs[0], outputs[0]
-        out_meta = facts.metas.get(region.exit.name)
-        first = _only_first_element_used(region.exit, facts) if isinstance(out_meta, tuple) else None
-        if first is not None:
-            # A block returning (y, extras) whose extras nobody uses is a y-boundary.
-            region.exit = first
-            region.nodes = [*nodes, first]
-        elif isinstance(out_meta, tuple):
-            region.reason = f"returns a tuple of {len(out_meta)} tensors"
-        elif not isinstance(out_meta, TensorMeta):
-            region.reason = "its result is not a tensor"
+        region.exit = _primary_output(region.outputs, region.inputs, facts)
+        region.entry = _primary_input(region.inputs, region.exit, facts)
+        if region.exit not in inside:
+            region.nodes = [*nodes, region.exit]  # element i of a tuple the block returned
     return region
 
 
-def _tensor_count(meta) -> int:
-    if isinstance(meta, TensorMeta):
-        return 1
-    if isinstance(meta, tuple):
-        return sum(_tensor_count(m) for m in meta)
-    return 0
+def _leaving_tensors(node: fx.Node, inside: set, facts: _GraphFacts) -> list[fx.Node]:
+    """``node`` if it is a tensor; for a tuple, the elements read outside (their ``getitem`` nodes)."""
+    if facts.tensor_meta(node) is not None:
+        return [node]
+    if not isinstance(facts.metas.get(node.name), tuple):
+        return []
+    items = [
+        u for u in node.users
+        if u not in inside and u in facts.live and u.op == "call_function" and u.target is operator.getitem
+        and isinstance(u.args[1], int) and facts.tensor_meta(u) is not None
+    ]
+    return sorted(items, key=lambda u: u.args[1])
 
 
-def _only_first_element_used(node: fx.Node, facts: _GraphFacts) -> fx.Node | None:
-    """The ``node[0]`` getitem when that is the only use of a tuple-valued node."""
-    users = [u for u in node.users if u in facts.live]
-    if users and all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in users):
-        return users[0]
-    return None
+def _usable(meta: TensorMeta | None, facts: _GraphFacts) -> bool:
+    return (
+        meta is not None and meta.rank >= 2 and meta.dtype.is_floating_point
+        and (facts.batch is None or meta.shape[0] == facts.batch)
+    )
+
+
+def _primary_output(outputs: list[fx.Node], inputs: list[fx.Node], facts: _GraphFacts) -> fx.Node:
+    in_metas = [facts.tensor_meta(a) for a in inputs]
+
+    def score(index_and_node):
+        index, node = index_and_node
+        meta = facts.tensor_meta(node)
+        keeps_layout = any(m is not None and m.shape == meta.shape for m in in_metas)
+        same_rank = any(m is not None and m.rank == meta.rank for m in in_metas)
+        return (_usable(meta, facts), keeps_layout, same_rank, -index)
+
+    return max(enumerate(outputs), key=score)[1]
+
+
+def _primary_input(inputs: list[fx.Node], output: fx.Node, facts: _GraphFacts) -> fx.Node:
+    out = facts.tensor_meta(output)
+
+    def score(index_and_node):
+        index, node = index_and_node
+        meta = facts.tensor_meta(node)
+        return (_usable(meta, facts), meta.shape == out.shape, meta.rank == out.rank, -index)
+
+    return max(enumerate(inputs), key=score)[1]
 
 
 def _residual_region(add: fx.Node, facts: _GraphFacts):
@@ -541,11 +594,21 @@ def _make_boundary(*, name, kind, module_type, region: _Region, facts: _GraphFac
         reason = f"its {'input' if in_meta is None else 'output'} is not a single tensor"
     if not reason:
         reason = _shape_problem(in_meta, out_meta, facts.batch)
+    ports_in = ports_out = ()
     if not reason:
-        in_cd = _input_channel_dim(region, in_meta, facts)
+        in_cd = _input_channel_dim(region, entry, in_meta, facts)
         out_cd = _output_channel_dim(out_meta, in_meta, in_cd)
         if in_meta.rank == 2 and out_meta.rank > 2:
             reason = f"output {out_meta.shape} has spatial axes its (B, C) input lacks"
+        ports_in = tuple(
+            Port(a.name, facts.tensor_meta(a), in_cd if a is entry else _port_channel_dim(region, a, facts))
+            for a in region.inputs
+        )
+        ports_out = tuple(
+            Port(o.name, facts.tensor_meta(o), out_cd if o is exit_ else _output_channel_dim(
+                facts.tensor_meta(o), in_meta, in_cd))
+            for o in region.outputs
+        )
     if not reason:
         reason = _input_changed_in_place(region, facts)
     if not reason and exit_.meta.get(GRAD_KEY, True) is False:
@@ -570,7 +633,16 @@ def _make_boundary(*, name, kind, module_type, region: _Region, facts: _GraphFac
         eligible=not reason,
         reason=reason,
         module_name=module_name,
+        inputs=ports_in,
+        outputs=ports_out,
     )
+
+
+def _port_channel_dim(region: _Region, node: fx.Node, facts: _GraphFacts) -> int | None:
+    meta = facts.tensor_meta(node)
+    if meta is None or meta.rank < 2:
+        return None
+    return _input_channel_dim(region, node, meta, facts)
 
 
 def _input_changed_in_place(region: _Region, facts: _GraphFacts) -> str:
@@ -606,13 +678,13 @@ def _shape_problem(in_meta: TensorMeta, out_meta: TensorMeta, batch: int | None)
     return ""
 
 
-def _input_channel_dim(region: _Region, in_meta: TensorMeta, facts: _GraphFacts) -> int:
+def _input_channel_dim(region: _Region, entry: fx.Node, in_meta: TensorMeta, facts: _GraphFacts) -> int:
     """From the first weight layer of the block, checked against its expected width."""
     for node in region.nodes:
         kind = _weight_layer_channel_dim(node, facts.root)
         if kind is None:
             continue
-        axis = _entry_axis_of_layer(node, kind, region.entry, facts)
+        axis = _entry_axis_of_layer(node, kind, entry, facts)
         if axis is None:
             axis = 1 if kind == "first" else in_meta.rank - 1
         width = _expected_width(node, facts)

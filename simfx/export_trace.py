@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import re
 import warnings
 
 import torch
@@ -42,7 +43,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import FaithfulnessError, TraceError
 from .inputs import CallTemplate, ExampleInputs, bound_forward_class
-from .recorders import TraceRecorder
+from .recorders import TraceRecorder, frame_location, user_frame
 from .trace import GRAD_KEY, SCOPE_KEY, TracedModel, fetch_attr, has_hooks, hooks_suppressed, preserved_module_state, scope_from_module_stack
 
 __all__ = ["export_model"]
@@ -136,13 +137,39 @@ def _export(root: nn.Module, args: tuple, model: nn.Module) -> tuple[fx.GraphMod
     except Exception as error:  # torch.export raises many types; all mean "cannot capture"
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise TraceError(
-            f"torch.export could not capture {type(model).__name__} "
-            f"(train mode): {type(error).__name__}: {first}\n"
-            f"Fix: data-dependent Python control flow cannot be exported; rewrite it with torch.cond or "
-            f"tensor ops, or use frontend='fx' with leaf_modules=[...] for the untraceable submodules.",
+            f"torch.export could not capture {type(model).__name__} (train mode)"
+            f"{frame_location(user_frame(error))}: {type(error).__name__}: {first}\nFix: {_export_fix(error)}",
             "", type(model), first,
         ) from error
     return program.module(), captured
+
+
+def _export_fix(error: BaseException) -> str:
+    """What to do about an export failure, by what torch reported."""
+    text = str(error)
+    output_type = re.search(r"Found <class '([\w.]+)'> in output", text)
+    if output_type:
+        name = output_type.group(1)
+        if "cache" in name.lower():
+            return (
+                f"the forward returns a {name.rsplit('.', 1)[-1]} object, which export cannot capture; training "
+                f"needs no cache: pass use_cache=False (or your model's flag for it) in example_inputs."
+            )
+        return (
+            f"the forward returns a {name} object; register it as a pytree node "
+            f"(torch.utils._pytree.register_pytree_node), or return tensors, tuples or dicts."
+        )
+    if "sparse" in text.lower():
+        return (
+            "export cannot capture sparse tensor operations; use frontend='fx' and keep the module doing them "
+            "opaque with leaf_modules=[...]."
+        )
+    if re.search(r"data.dependent|GuardOnDataDependent|Could not guard on", text):
+        return (
+            "Python control flow on a tensor's value cannot be exported; rewrite it with torch.cond or tensor "
+            "ops, or use frontend='fx' with leaf_modules=[...] for the submodule doing it."
+        )
+    return "use frontend='fx' (with leaf_modules=[...] for submodules fx cannot trace), or change the code export fails on."
 
 
 def _batch_of_two(args: tuple) -> tuple | None:

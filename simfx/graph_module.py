@@ -76,6 +76,7 @@ class SimGraphModule(fx.GraphModule):
         *,
         model: nn.Module,
         call: CallTemplate,
+        eval_call: CallTemplate | None = None,
         traced_modules: Sequence[tuple[str, nn.Module]] = (),
         flag_readers: Sequence[tuple[str, nn.Module, str, bool]] = (),
         block_names: Sequence[str] = (),
@@ -85,6 +86,7 @@ class SimGraphModule(fx.GraphModule):
         # the model comes after nn.Module.__init__, whose `training = True` must not
         # reach the user's model.
         self.__dict__["_simfx_call"] = call
+        self.__dict__["_simfx_eval_call"] = eval_call or call
         self.__dict__["_simfx_block_names"] = tuple(block_names)
         self.__dict__["_simfx_per_block"] = per_block
         super().__init__(holder, graph, "SimGraphModule")
@@ -161,7 +163,7 @@ class SimGraphModule(fx.GraphModule):
         return self._simfx_train_graph_forward(*inputs)
 
     def _simfx_eval_step(self, inputs: tuple):
-        args, kwargs = self._simfx_call.model_call(inputs)
+        args, kwargs = self._simfx_eval_call.model_call(inputs)
         output = self.__dict__[_MODEL](*args, **kwargs)
         zero = _zero_like_first_tensor(inputs)
         if self._simfx_per_block:

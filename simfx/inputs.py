@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import ExampleInputsError
 
-__all__ = ["ExampleInputs", "CallTemplate", "example_inputs", "bound_forward_class"]
+__all__ = ["ExampleInputs", "CallTemplate", "example_inputs", "bound_forward_class", "training_inputs"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,11 @@ class CallTemplate:
             return inputs[value] if kind == _INPUT else value
 
         return tuple(fill(s) for s in self.positional), {k: fill(s) for k, s in self.keywords}
+
+    def without(self, keywords: tuple[str, ...]) -> "CallTemplate":
+        """The same call without some keyword constants (the flags simfx adds for training)."""
+        kept = tuple((k, slot) for k, slot in self.keywords if not (k in keywords and slot[0] != _INPUT))
+        return CallTemplate(self.positional, kept, self.names)
 
     def inputs_of(self, args: tuple, kwargs: Mapping[str, Any]) -> tuple | None:
         """The inverse: this template's inputs from a model call, or None if the call does not fit it."""
@@ -204,3 +209,27 @@ def _binding_problem(signature: inspect.Signature, inputs: ExampleInputs) -> str
 
 def _show_signature(signature: inspect.Signature) -> str:
     return str(signature).replace("(self, ", "(", 1).replace("(self)", "()", 1)
+
+
+# Forward parameters training never needs switched on, and the value simfx passes
+# when the example leaves them to the model's default: a generation cache
+# (Hugging Face's use_cache) only costs memory in training, and its cache objects
+# are outputs torch.export cannot capture.
+TRAINING_FLAGS: Mapping[str, Any] = {"use_cache": False}
+
+
+def training_inputs(model: nn.Module, inputs: ExampleInputs) -> tuple[ExampleInputs, dict[str, Any]]:
+    """``inputs`` with :data:`TRAINING_FLAGS` the forward takes but the example does not set; and those flags."""
+    try:
+        parameters = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        return inputs, {}
+    names = list(parameters)[1:]  # drop self
+    set_positionally = set(names[: len(inputs.args)])
+    added = {
+        name: value for name, value in TRAINING_FLAGS.items()
+        if name in parameters and name not in inputs.kwargs and name not in set_positionally
+    }
+    if not added:
+        return inputs, {}
+    return ExampleInputs(inputs.args, {**inputs.kwargs, **added}), added

@@ -36,6 +36,9 @@ class SimOptions:
         channel_dim: channel axis override. ``None`` infers it from the block's
             first weight layer; an int applies to input and output; a pair gives
             ``(input_axis, output_axis)``.
+        primary_input, primary_output: which of a block's tensors SIM reads, as a
+            position in ``Boundary.inputs``/``.outputs`` (``find_boundaries`` lists
+            them); ``None`` keeps simfx's choice (the input in the output's layout).
 
     >>> SimOptions().replace(token_ratio=0.5).token_ratio
     0.5
@@ -49,10 +52,12 @@ class SimOptions:
     loss: str = "norm_mse"
     dim: int = 128
     channel_dim: int | tuple[int, int] | None = None
+    primary_input: int | None = None
+    primary_output: int | None = None
 
     def __post_init__(self) -> None:
         # NumPy scalars and 0-d tensors (a config loaded from an array, a schedule) are numbers too.
-        for name in ("beta", "token_ratio", "channel_ratio", "dim"):
+        for name in ("beta", "token_ratio", "channel_ratio", "dim", "primary_input", "primary_output"):
             object.__setattr__(self, name, _plain_number(name, getattr(self, name)))
         _check_ratio("token_ratio", self.token_ratio)
         _check_ratio("channel_ratio", self.channel_ratio)
@@ -71,6 +76,10 @@ class SimOptions:
                 f"beta must be a finite number >= 0 (the weight of the block's SIM loss), got {self.beta!r}; "
                 f"use beta=0 to log a block's loss without training on it."
             )
+        for name in ("primary_input", "primary_output"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name} must be None or a position >= 0 among the block's tensors, got {value!r}.")
         cd = self.channel_dim
         if cd is not None:
             pair = cd if isinstance(cd, tuple) else (cd, cd)

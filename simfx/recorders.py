@@ -31,6 +31,7 @@ import operator
 import os
 import random as python_random
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,7 +41,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-__all__ = ["Finding", "TraceRecorder", "user_location"]
+__all__ = ["Finding", "TraceRecorder", "user_location", "user_frame"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _SIMFX_DIR = os.path.dirname(__file__)
@@ -87,6 +88,23 @@ def user_location(skip_random: bool = False) -> str:
             return f"{os.path.basename(path)}:{frame.f_lineno}{code}"
         frame = frame.f_back
     return ""
+
+
+def user_frame(error: BaseException) -> traceback.FrameSummary | None:
+    """The innermost traceback frame of ``error`` outside torch and simfx (the user's failing line)."""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = os.path.abspath(frame.filename)
+        if not (path.startswith(_TORCH_DIR) or path.startswith(_SIMFX_DIR) or frame.filename.startswith("<")):
+            return frame
+    return None
+
+
+def frame_location(frame: traceback.FrameSummary | None) -> str:
+    """`` at file.py:12 `code``` for a frame, or ""."""
+    if frame is None:
+        return ""
+    code = f" `{frame.line.strip()}`" if frame.line else ""
+    return f" at {os.path.basename(frame.filename)}:{frame.lineno}{code}"
 
 
 _TORCH_RANDOM = frozenset({

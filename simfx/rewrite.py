@@ -34,6 +34,7 @@ from . import monitor
 from .boundaries import Boundary
 from .collapse import collapse_calls
 from .graph_module import SimGraphModule
+from .inputs import CallTemplate
 from .objectives import BoundaryObjective, build_objective, get_objective
 from .select import Plan, PlannedBlock
 from .trace import GRAD_KEY, SCOPE_KEY, ScopeFrame, TracedModel, copy_graph
@@ -52,8 +53,9 @@ class SimInfo:
     ``calls`` names the blocks that run as calls of their module in the training
     graph; ``traced`` the modules whose code was traced into it. ``nodes`` maps each
     block to the names of its input, output and loss nodes in ``sim.graph``.
-    ``check`` says what the transform-time check found (``"passed"``, or why it was
-    skipped).
+    ``notes`` say what simfx passes to the forward in training beyond the example
+    (``use_cache=False``). ``check`` says what the transform-time check found
+    (``"passed"``, or why it was skipped).
     """
 
     plan: Plan
@@ -65,6 +67,7 @@ class SimInfo:
     calls: tuple[str, ...] = ()
     traced: tuple[str, ...] = ()
     nodes: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
     check: str = "not run"
 
 
@@ -74,8 +77,13 @@ def rewrite(
     *,
     candidates: Sequence[Boundary] = (),
     per_block: bool = False,
+    eval_call: CallTemplate | None = None,
+    notes: tuple[str, ...] = (),
 ) -> SimGraphModule:
-    """The training graph for ``plan`` over ``traced``, wrapped in a :class:`SimGraphModule`."""
+    """The training graph for ``plan`` over ``traced``, wrapped in a :class:`SimGraphModule`.
+
+    ``eval_call`` is how eval mode calls the model (default: as the training graph was traced).
+    """
     if NAMESPACE in traced.root._modules:
         raise ValueError(
             f"the model already has a submodule named '{NAMESPACE}' (is it a simfx-transformed module?); "
@@ -133,6 +141,7 @@ def rewrite(
         graph,
         model=traced.model,
         call=traced.call,
+        eval_call=eval_call,
         traced_modules=[(name, model_modules[name]) for name in traced_frames if name in model_modules and name],
         flag_readers=[
             (name, model_modules[name], where, value)
@@ -152,6 +161,7 @@ def rewrite(
         calls=tuple(sorted(frame.key for frame in collapsed)),
         traced=tuple(sorted(traced_frames)),
         nodes=block_nodes,
+        notes=tuple(notes),
     )
     return sim
 

@@ -28,6 +28,7 @@ Selectors (for ``blocks=``, ``exclude=`` and the keys of ``overrides=``):
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ def select_blocks(
             if matches(selector, b):
                 options = merge_options(options, _check_changes(selector, changes))
                 used_overrides.add(index)
+        b = _with_primaries(b, options)
         need = get_objective(options.objective).min_tokens(options)
         tokens = b.out_tokens
         if tokens is not None and tokens < need:
@@ -151,6 +153,31 @@ def select_blocks(
     for b in planned:
         decisions.setdefault(b.name, "selected")
     return Plan(tuple(planned), decisions)
+
+
+def _with_primaries(b: Boundary, options: SimOptions) -> Boundary:
+    """``b`` reading the input and output the ``primary_input``/``primary_output`` options name."""
+    for option, ports, fields in (
+        ("primary_input", b.inputs, ("entry", "in_meta", "in_channel_dim")),
+        ("primary_output", b.outputs, ("exit", "out_meta", "out_channel_dim")),
+    ):
+        position = getattr(options, option)
+        if position is None:
+            continue
+        if position >= len(ports):
+            shown = ", ".join(f"{i}: {p.node} {tuple(p.meta.shape)}" for i, p in enumerate(ports)) or "none"
+            raise SelectorError(
+                f"block '{b.name}': {option}={position}, but it has {len(ports)} tensor "
+                f"{option.split('_')[1]}(s): {shown}."
+            )
+        port = ports[position]
+        if not (port.meta.rank >= 2 and port.meta.dtype.is_floating_point and port.channel_dim is not None):
+            raise SelectorError(
+                f"block '{b.name}': {option}={position} names {port.node} {tuple(port.meta.shape)} "
+                f"{port.meta.dtype}; SIM needs a floating-point tensor with a batch and a channel axis."
+            )
+        b = dataclasses.replace(b, **dict(zip(fields, (port.node, port.meta, port.channel_dim))))
+    return b
 
 
 # --- the auto policy --------------------------------------------------------

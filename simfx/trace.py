@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
@@ -41,7 +39,7 @@ from torch.fx.immutable_collections import immutable_dict
 
 from .errors import TraceError
 from .inputs import CallTemplate, ExampleInputs, bound_forward_class
-from .recorders import Finding, TraceRecorder
+from .recorders import Finding, TraceRecorder, frame_location, user_frame
 
 __all__ = [
     "weight_layers",
@@ -487,9 +485,8 @@ def _run_tracer(tracer: _ScopeTracer, root: nn.Module, model: nn.Module) -> fx.G
 
 def _trace_error(error: Exception, scope: tuple[ScopeFrame, ...], model: nn.Module) -> TraceError:
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    frame = _user_frame(error)
-    where = f" at {frame.filename.rsplit(os.sep, 1)[-1]}:{frame.lineno}" if frame else ""
-    code = f" `{frame.line.strip()}`" if frame and frame.line else ""
+    frame = user_frame(error)
+    where, code = frame_location(frame), ""
     # A failure inside a free function (not a forward) is best fixed by wrapping it;
     # fx's autowrap skips names starting with an underscore, so those cannot be wrapped.
     helper = frame.name if frame and frame.name not in ("forward", "<module>", "<lambda>") else None
@@ -514,19 +511,6 @@ def _trace_error(error: Exception, scope: tuple[ScopeFrame, ...], model: nn.Modu
         f"a submodule and pass leaf_modules=[ThatModule] if wrapping is not possible, or use frontend='export'."
     )
     return TraceError(message, "", type(model), first_line)
-
-
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_SIMFX_DIR = os.path.dirname(__file__)
-
-
-def _user_frame(error: BaseException) -> traceback.FrameSummary | None:
-    """The innermost traceback frame outside torch and simfx (the user's failing line)."""
-    for frame in reversed(traceback.extract_tb(error.__traceback__)):
-        path = os.path.abspath(frame.filename)
-        if not (path.startswith(_TORCH_DIR) or path.startswith(_SIMFX_DIR) or frame.filename.startswith("<simfx")):
-            return frame
-    return None
 
 
 def _from_graph_module(gm: fx.GraphModule, inputs: ExampleInputs | None) -> TracedModel:
