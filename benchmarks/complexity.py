@@ -8,9 +8,10 @@ The measures are the paper's: the width of the weight distribution (SD, via
 ``simfx.metrics.weight_std``) and the real log canonical threshold (RLCT),
 estimated as the local learning coefficient (LLC) with devinterp's SGLD sampler::
 
-    python benchmarks/complexity.py                   # the full study (about 40 min of CPU on one thread)
+    python benchmarks/complexity.py                   # the full study: 105 runs, 46 min of CPU on one thread
     python benchmarks/complexity.py --quick           # a smoke run in seconds
     python benchmarks/complexity.py --calibrate       # SGLD settings on two trained models, paper's included
+    python benchmarks/complexity.py --replot          # table and plots again from complexity.json
     python benchmarks/complexity.py --seeds 3 --sweep self_model=1,10 --objectives self_model --no-rlct
 
 Setup (the paper's where it could be kept; what changed and why is in benchmarks/README.md):
@@ -52,6 +53,7 @@ import datetime
 import functools
 import gc
 import io
+import json
 import math
 import statistics
 import sys
@@ -674,28 +676,37 @@ def plot_vs_strength(rows: list[dict], key: str, path=None):
     return _save(fig, plt, path)
 
 
-def plot_accuracy_vs_rlct(rows: list[dict], path=None):
-    """Test accuracy against RLCT per arm (means with 95% CI bars), colour by objective, labelled by strength."""
+def plot_accuracy_vs_rlct(rows: list[dict], path=None, zoom: float = 0.85):
+    """Test accuracy against RLCT per arm (means with 95% CI bars), colour by objective, labelled by strength.
+
+    Per dataset two panels: every arm, and (``zoom``) only the arms whose mean test
+    accuracy is at least ``zoom``, where the arms that still learn the task sit.
+    """
     plt = _pyplot(path)
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5), squeeze=False)
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(13, 5 * len(datasets)), squeeze=False)
     colors = {None: "black", "self_model": "C0", "activation_l2": "C1", "rho_sim": "C2"}
-    for ax, dataset in zip(axes[0], datasets):
-        mine = [r for r in rows if r["dataset"] == dataset and r["rlct"] is not None]
-        for objective in dict.fromkeys(r["objective"] for r in mine):
-            pts = sorted((r for r in mine if r["objective"] == objective), key=lambda r: r["strength"] or 0.0)
-            ax.errorbar([r["rlct"] for r in pts], [100 * r["test_acc"] for r in pts],
-                        xerr=[r["rlct_ci"] or 0.0 for r in pts], yerr=[100 * (r["test_acc_ci"] or 0.0) for r in pts],
-                        fmt="o-" if objective else "s", color=colors[objective], capsize=3, ms=5,
-                        label=objective or "baseline", lw=1)
-            for r in pts:
-                if r["strength"] is not None:
-                    ax.annotate(f"{r['strength']:g}", (r["rlct"], 100 * r["test_acc"]), fontsize=7,
-                                xytext=(3, 3), textcoords="offset points", color=colors[objective])
-        ax.set_xlabel("RLCT (SGLD LLC)")
-        ax.set_ylabel("test accuracy %")
-        ax.set_title(f"{dataset}: accuracy against RLCT (labels: AW or β)", fontsize=10)
-        ax.legend(fontsize=8)
+    for i, dataset in enumerate(datasets):
+        for ax, floor in ((axes[i][0], None), (axes[i][1], zoom)):
+            mine = [r for r in rows if r["dataset"] == dataset and r["rlct"] is not None
+                    and (floor is None or r["test_acc"] >= floor)]
+            for objective in dict.fromkeys(r["objective"] for r in mine):
+                pts = sorted((r for r in mine if r["objective"] == objective), key=lambda r: r["strength"] or 0.0)
+                ax.errorbar([r["rlct"] for r in pts], [100 * r["test_acc"] for r in pts],
+                            xerr=[r["rlct_ci"] or 0.0 for r in pts],
+                            yerr=[100 * (r["test_acc_ci"] or 0.0) for r in pts],
+                            fmt="o-" if objective else "s", color=colors[objective], capsize=3, ms=5,
+                            label=objective or "baseline", lw=1)
+                for r in pts:
+                    if r["strength"] is not None:
+                        ax.annotate(f"{r['strength']:g}", (r["rlct"], 100 * r["test_acc"]), fontsize=7,
+                                    xytext=(3, 3), textcoords="offset points", color=colors[objective])
+            ax.set_xlabel("RLCT (SGLD LLC)")
+            ax.set_ylabel("test accuracy %")
+            where = "every arm" if floor is None else f"arms with test accuracy ≥ {100 * floor:g}%"
+            ax.set_title(f"{dataset}: accuracy against RLCT, {where} (labels: AW or β)", fontsize=10)
+            if mine:
+                ax.legend(fontsize=8)
     return _save(fig, plt, path)
 
 
@@ -778,6 +789,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "self_model@50; writes complexity-calibration.{json,md}")
     # One thread: the models are small, and the machine is shared (see regularization.py).
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--replot", action="store_true",
+                        help="no training: redraw the plots and the Markdown of the complexity.json in --out")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 seeds, a 32-16 MLP, 256 examples, 2 epochs, short chains; "
                              "files are named complexity-quick.*")
@@ -815,9 +828,26 @@ def _header(meta: dict) -> str:
             f"{meta['load_average_before']}/{meta['load_average_after']}\n\n")
 
 
+def write_report(folder: Path, stem: str, payload: dict) -> None:
+    """``<stem>.md`` and the plots of a study's payload (what :func:`main` saved as ``<stem>.json``)."""
+    rows = payload["summary"]
+    report = markdown_report(rows, payload["matched_pairs"], payload["trends"])
+    (folder / f"{stem}.md").write_text(_header(payload["meta"]) + report)
+    plot_vs_strength(rows, "weight_std", folder / f"{stem}-sd.png")
+    if any(r["rlct"] is not None for r in rows):
+        plot_vs_strength(rows, "rlct", folder / f"{stem}-rlct.png")
+        plot_accuracy_vs_rlct(rows, folder / f"{stem}-acc-rlct.png")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.replot:
+        stem = "complexity-quick" if args.quick else "complexity"
+        payload = json.loads((Path(args.out) / f"{stem}.json").read_text())
+        write_report(Path(args.out), stem, payload)
+        print(f"redrew {args.out}/{stem}.md and its plots")
+        return payload
     config, seeds = config_from_args(args)
     started, load_before = datetime.datetime.now(datetime.timezone.utc), load_average()
     wall, cpu = time.perf_counter(), time.process_time()
@@ -844,10 +874,7 @@ def main(argv=None) -> dict:
     report = markdown_report(rows, pairs, trend_rows)
     payload = {"meta": meta, "summary": rows, "matched_pairs": pairs, "trends": trend_rows, "runs": results}
     folder = write_results(args.out, f"complexity{quick}", payload, _header(meta) + report)
-    plot_vs_strength(rows, "weight_std", folder / f"complexity{quick}-sd.png")
-    if config.rlct:
-        plot_vs_strength(rows, "rlct", folder / f"complexity{quick}-rlct.png")
-        plot_accuracy_vs_rlct(rows, folder / f"complexity{quick}-acc-rlct.png")
+    write_report(folder, f"complexity{quick}", payload)
     print()
     print(report)
     print(f"{len(results)} runs in {meta['seconds'] / 60:.1f} min ({meta['cpu_seconds'] / 60:.1f} min CPU); "

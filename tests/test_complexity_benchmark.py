@@ -141,6 +141,9 @@ def test_quick_study_writes_tables_json_and_plots(cx, tmp_path):
         assert (tmp_path / f"complexity-quick-{name}.png").stat().st_size > 10_000
     text = (tmp_path / "complexity-quick.md").read_text()
     assert "| mnist5k | self_model@10 | 0.625 |" in text and "**Direction**" in text
+    (tmp_path / "complexity-quick-sd.png").unlink()
+    cx.main(["--quick", "--replot", "--out", str(tmp_path)])  # from the JSON alone: the same table, the plots back
+    assert (tmp_path / "complexity-quick.md").read_text() == text and (tmp_path / "complexity-quick-sd.png").exists()
     for r in runs:
         assert 0.0 <= r["test_acc"] <= 1.0 and r["weight_std"] > 0 and set(r["weight_std_per_layer"]) == {
             "hidden.0.0", "hidden.1.0", "head"}
