@@ -62,6 +62,8 @@ from simfx.metrics import BlockLossMeter, weight_std
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # runinfo, however this file is loaded
 from runinfo import load_average, machine_info  # noqa: E402
+from seedstats import mean_std as _mean_std  # noqa: E402
+from seedstats import paired_difference, run_jobs  # noqa: E402
 
 ARMS = ("baseline", "rho_sim", "self_model", "activation_l2")
 DATASETS = ("digits", "mnist1d")
@@ -235,28 +237,8 @@ def train_one(data: Data, arm: str, seed: int, config: TrainConfig, model: nn.Mo
     curve = []
     start = time.perf_counter()
     for epoch in range(epochs):
-        (sim or model).train()
-        meter.reset()
-        ce_sum = torch.zeros(())
-        perm = torch.randperm(len(data.y_train), generator=order)
-        for i in range(0, len(perm), batch):
-            idx = perm[i : i + batch]
-            if len(idx) < 2:
-                continue  # BatchNorm needs two samples
-            x, y = data.x_train[idx], data.y_train[idx]
-            if sim is None:
-                logits, reg = model(x), None
-            else:
-                logits, reg, per_block = sim(x)
-                meter.update(per_block)
-            ce = F.cross_entropy(logits, y)
-            loss = ce if reg is None else ce + reg
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            ce_sum += ce.detach() * len(idx)
-        curve.append({"epoch": epoch + 1, "train_ce": ce_sum.item() / len(data.y_train),
+        train_ce = train_epoch(model, sim, data, batch, order, optimizer, meter, schedule)
+        curve.append({"epoch": epoch + 1, "train_ce": train_ce,
                       "test_acc": accuracy(model, data.x_test, data.y_test)})
     train_seconds = time.perf_counter() - start
     block_losses = meter.compute() if sim is not None else {}
@@ -276,6 +258,39 @@ def train_one(data: Data, arm: str, seed: int, config: TrainConfig, model: nn.Mo
         "seconds": train_seconds,
         "curve": curve,
     }
+
+
+def train_epoch(model: nn.Module, sim: nn.Module | None, data: Data, batch: int, order: torch.Generator,
+                optimizer: torch.optim.Optimizer, meter: BlockLossMeter, schedule=None) -> float:
+    """One epoch over ``data``'s training set, batches in an order drawn from ``order``.
+
+    With ``sim`` (a transform of ``model``) the loss is cross-entropy + ``sim_loss`` and
+    ``meter`` (reset first) collects the per-block losses. ``schedule`` steps after every
+    batch. Returns the epoch's mean training cross-entropy.
+    """
+    (sim or model).train()
+    meter.reset()
+    ce_sum = torch.zeros(())
+    perm = torch.randperm(len(data.y_train), generator=order)
+    for i in range(0, len(perm), batch):
+        idx = perm[i : i + batch]
+        if len(idx) < 2:
+            continue  # BatchNorm needs two samples
+        x, y = data.x_train[idx], data.y_train[idx]
+        if sim is None:
+            logits, reg = model(x), None
+        else:
+            logits, reg, per_block = sim(x)
+            meter.update(per_block)
+        ce = F.cross_entropy(logits, y)
+        loss = ce if reg is None else ce + reg
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        ce_sum += ce.detach() * len(idx)
+    return ce_sum.item() / len(data.y_train)
 
 
 def probe_sim_loss(model: nn.Module, data: Data, seed: int, config: TrainConfig) -> float:
@@ -320,62 +335,23 @@ def run_experiment(
     """Every (dataset, seed, arm) run, in that order; a tqdm bar when ``progress``."""
     config = config or TrainConfig()
     jobs = [(d, s, a) for d in datasets for s in seeds for a in arms]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), unit="run", dynamic_ncols=True)
     loaded = {d: load_dataset(d, limit=config.limit) for d in datasets}
-    results = []
-    for dataset, seed, arm in jobs:
-        if bar is not None:
-            bar.set_description(f"{dataset} seed {seed} {arm}")
-        result = train_one(loaded[dataset], arm, seed, config)
-        results.append(result)
-        if bar is not None:
-            bar.set_postfix(acc=f"{result['test_acc']:.3f}")
-            bar.update()
-    if bar is not None:
-        bar.close()
-    return results
+    return run_jobs(jobs, lambda job: train_one(loaded[job[0]], job[2], job[1], config), progress=progress,
+                    label=lambda job: f"{job[0]} seed {job[1]} {job[2]}",
+                    postfix=lambda result: {"acc": f"{result['test_acc']:.3f}"})
 
 
 # --- summary ------------------------------------------------------------------------
 
 
-def _t95(n: int) -> float:
-    """Two-sided 95% Student-t quantile for n - 1 degrees of freedom."""
-    try:
-        from scipy.stats import t
-
-        return float(t.ppf(0.975, n - 1))
-    except ImportError:  # pragma: no cover - scipy ships with scikit-learn
-        return {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}.get(n, 1.96)
-
-
-def _mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def _paired(mine: list[dict], base: dict, key: str, kind: str):
+    """Mean same-seed difference to the baseline and the half-width of its 95% t-interval."""
+    delta = paired_difference(mine, base, key, kind)
+    return None if delta is None else delta[:2]
 
 
 # Paired comparisons to the baseline: (result key, how a difference is expressed).
 PAIRED = (("test_acc", "points"), ("weight_std", "relative"), ("probe_sim_loss", "relative"))
-
-
-def _paired(mine: list[dict], base: dict, key: str, kind: str):
-    """Mean same-seed difference to the baseline and the half-width of its 95% t-interval."""
-    diffs = []
-    for r in mine:
-        b = base.get(r["seed"])
-        if b is None or r[key] is None or b[key] is None:
-            continue
-        diffs.append(r[key] - b[key] if kind == "points" else r[key] / b[key] - 1)
-    if len(diffs) < 2:
-        return None
-    mean, std = _mean_std(diffs)
-    return mean, _t95(len(diffs)) * std / math.sqrt(len(diffs))
 
 
 def summarise(results: list[dict]) -> list[dict]:
