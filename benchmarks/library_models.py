@@ -101,8 +101,16 @@ def convnext() -> Built:
     import transformers
 
     config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[2, 2], num_labels=3,
-                                         image_size=32)
+                                         num_stages=2, out_features=None)
     return transformers.ConvNextForImageClassification(config), torch.randn(2, 3, 32, 32)
+
+
+def convnext_v2() -> Built:
+    import transformers
+
+    config = transformers.ConvNextV2Config(num_channels=3, hidden_sizes=[8, 16], depths=[2, 2], num_labels=3,
+                                           num_stages=2)
+    return transformers.ConvNextV2ForImageClassification(config), torch.randn(2, 3, 32, 32)
 
 
 def swin() -> Built:
@@ -111,6 +119,16 @@ def swin() -> Built:
     config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
                                      window_size=4, num_labels=3)
     return transformers.SwinForImageClassification(config), torch.randn(2, 3, 32, 32)
+
+
+def sam_vision() -> Built:
+    import transformers
+
+    config = transformers.SamVisionConfig(
+        hidden_size=32, output_channels=16, num_hidden_layers=4, num_attention_heads=2, image_size=64,
+        patch_size=8, mlp_dim=64, window_size=4, global_attn_indexes=[1, 3],
+    )
+    return transformers.SamVisionModel(config), torch.randn(2, 3, 64, 64)
 
 
 def mamba() -> Built:
@@ -186,7 +204,9 @@ LIBRARY_MODELS: dict[str, Callable[[], Built]] = {
     "transformers/bert": bert,
     "transformers/clip": clip,
     "transformers/convnext": convnext,
+    "transformers/convnext_v2": convnext_v2,
     "transformers/swin": swin,
+    "transformers/sam_vision": sam_vision,
     "transformers/mamba": mamba,
     "transformers/rwkv": rwkv,
     "diffusers/unet2d": unet2d,

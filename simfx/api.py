@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy as copy_module
 import dataclasses
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -195,12 +196,24 @@ def _build(model, user_inputs, capture: _Capture, selection: _Selection, *, per_
         return attempt(capture.frontend)
     try:
         built = attempt("fx")
+    except ExampleInputsError as fx_error:
+        # fx may have taken the wrong branch on a proxy (torch.is_tensor(proxy) is False):
+        # the graph then fails on inputs the model accepts. Export runs the real code.
+        if getattr(fx_error, "partial_shapes", None) is None:
+            raise  # the inputs do not fit the forward's signature: no frontend can help
+        try:
+            return attempt("export")
+        except (TraceError, FaithfulnessError, NoEligibleBlockError, ExampleInputsError) as export_error:
+            raise ExampleInputsError(
+                f"{fx_error}\nsimfx also tried torch.export (frontend='auto'), in case fx mis-traced the model: "
+                f"{_cause(export_error)}"
+            ) from export_error
     except TraceError as fx_error:
         if fx_error.module_name and not capture.auto_opaque:
             raise  # the user asked for an error inside submodules rather than opaque blocks
         try:
             return attempt("export")
-        except (TraceError, FaithfulnessError, NoEligibleBlockError) as export_error:
+        except (TraceError, FaithfulnessError, NoEligibleBlockError, ExampleInputsError) as export_error:
             raise TraceError(
                 f"{fx_error}\nsimfx also tried torch.export (frontend='auto'): {_cause(export_error)}",
                 fx_error.module_name, fx_error.module_type, fx_error.cause,
@@ -208,7 +221,7 @@ def _build(model, user_inputs, capture: _Capture, selection: _Selection, *, per_
     except (NoEligibleBlockError, FaithfulnessError) as fx_error:
         try:
             built = attempt("export")
-        except (TraceError, FaithfulnessError, NoEligibleBlockError) as export_error:
+        except (TraceError, FaithfulnessError, NoEligibleBlockError, ExampleInputsError) as export_error:
             raise type(fx_error)(
                 f"{fx_error}\nsimfx also tried torch.export (frontend='auto'): {_cause(export_error)}"
             ) from export_error
@@ -217,15 +230,21 @@ def _build(model, user_inputs, capture: _Capture, selection: _Selection, *, per_
     if not built.plan.blocks:  # find_boundaries' preview: fx found nothing to select
         try:
             exported = attempt("export")
-        except (TraceError, FaithfulnessError, NoEligibleBlockError):
+        except (TraceError, FaithfulnessError, NoEligibleBlockError, ExampleInputsError):
             return built
         return exported if exported.plan.blocks else built
     hidden = _hidden_share(model, built.traced)
     if hidden > OPAQUE_LIMIT:
         try:
             exported = attempt("export")
-        except (TraceError, FaithfulnessError, NoEligibleBlockError) as error:
-            log.info("simfx: torch.export failed (%s); keeping the fx trace with opaque modules", _cause(error))
+        except (TraceError, FaithfulnessError, NoEligibleBlockError, ExampleInputsError) as error:
+            hidden_modules = ", ".join(f"'{name}' ({built.traced.opaque[name]})" for name in built.traced.automatic[:3])
+            warnings.warn(
+                f"simfx: fx kept {100 * hidden:.0f}% of {type(model).__name__}'s parameters in opaque modules "
+                f"({hidden_modules}), so SIM sees only {built.plan.names}; torch.export could not capture the model "
+                f"either: {_cause(error)}",
+                stacklevel=3,
+            )
             return built
         log.info("simfx: fx left %.0f%% of the parameters in opaque modules; using torch.export", 100 * hidden)
         return exported
@@ -296,8 +315,9 @@ def _with_check(info, status: str):
 
 
 def _cause(error: Exception) -> str:
-    cause = getattr(error, "cause", "") or str(error)
-    return cause.strip().splitlines()[0] if cause.strip() else type(error).__name__
+    """The first two lines of a simfx error (what failed, and its fix)."""
+    lines = str(error).strip().splitlines()
+    return " ".join(lines[:2]) if lines else type(error).__name__
 
 
 def _hidden_share(model: nn.Module, traced: TracedModel) -> float:

@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from .shapes import GraphShapes, TensorMeta, _weight_layer_channel_dim, op_name
-from .trace import GRAD_KEY, SCOPE_KEY, ScopeFrame, fetch_attr, weight_layers
+from .trace import GRAD_KEY, OUTPUT_CONTAINER_KEY, SCOPE_KEY, ScopeFrame, fetch_attr, weight_layers
 
 __all__ = ["Boundary", "Port", "find_candidates", "layout_name", "token_count"]
 
@@ -173,7 +173,7 @@ class _GraphFacts:
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.by_name = {n.name: n for n in self.nodes}
         self.output = next(n for n in reversed(self.nodes) if n.op == "output")
-        self.output_values = set(self.output.all_input_nodes)
+        self.output_values = _returned_values(self.output)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         # Nodes the output depends on. The rest are side effects (an exported graph's
         # BatchNorm running-statistic updates) and never count as a value leaving a region.
@@ -256,6 +256,22 @@ class _GraphFacts:
 
 
 _SOURCE = "__simfx_source__"
+
+
+def _returned_values(output: fx.Node) -> set[fx.Node]:
+    """The values the model returns, looking through output containers rebuilt in the graph.
+
+    A dict subclass (``ModelOutput``) or export's output rebuilder is a node of its
+    own; the tensors it holds are what the model returns.
+    """
+    returned: set[fx.Node] = set()
+    pending = list(output.all_input_nodes)
+    while pending:
+        node = pending.pop()
+        returned.add(node)
+        if node.meta.get(OUTPUT_CONTAINER_KEY):
+            pending.extend(a for a in node.all_input_nodes if a not in returned)
+    return returned
 
 
 class _DominatorTree:
@@ -363,8 +379,7 @@ def find_candidates(
         # A residual of some inner value (the second residual of a transformer layer)
         # stays a candidate: when auto prefers a residual module nested deeper (HF
         # BertLayer's BertAttention), the layer's feed-forward residual still gets SIM.
-        prefix = f"{enclosing.key}." if enclosing is not None else ""
-        standalone.append((f"{prefix}{add.name}", region))
+        standalone.append((_residual_name(region, enclosing, facts, standalone), region))
 
     candidates = []
     for frame, region in frame_regions.items():
@@ -376,7 +391,7 @@ def find_candidates(
                 module_type=frame.type,
                 region=region,
                 facts=facts,
-                residual=frame in owned or _sums_branches_of_entry(region, facts),
+                residual=frame in owned or _sums_branches_of_entry(region, facts, frame),
                 opaque=frame.name in opaque and region.nodes[0].op == "call_module",
                 has_weight=module is not None and any(p.dim() >= 2 for p in module.parameters()),
                 container_child=_parent_is_container(frame.name, facts),
@@ -400,6 +415,44 @@ def find_candidates(
         )
     candidates.sort(key=lambda b: (facts.order[facts.by_name[b.nodes[0]]], -len(b.nodes)))
     return candidates
+
+
+def _residual_name(region: _Region, enclosing: ScopeFrame | None, facts: _GraphFacts, named: list) -> str:
+    """``<scope>.<branch module>.residual`` for ``x + branch(x)``, else ``<scope>.residual<k>``.
+
+    Named by modules, not graph nodes, so the name is the same under fx and
+    export and across torch versions (``layers.0.mlp.residual`` for
+    ``x = x + self.mlp(self.norm(x))`` in ``layers.0``).
+    """
+    enclosing_stack = _stack_to(region.exit, enclosing)
+    depth = len(enclosing_stack)
+    weights: dict[ScopeFrame, int] = {}
+    for node in region.nodes:
+        stack = node.meta.get(SCOPE_KEY, ())
+        if len(stack) > depth and stack[:depth] == enclosing_stack and facts.is_matrix_layer(node):
+            weights[stack[depth]] = weights.get(stack[depth], 0) + 1
+    prefix = f"{enclosing.key}." if enclosing is not None else ""
+    taken = {name for name, _ in named}
+    if weights:
+        branch = max(weights, key=lambda f: (weights[f], -facts.order[_first_node(f, region)]))
+        stem, k, name = f"{branch.key}.residual", 1, f"{branch.key}.residual"
+    else:
+        stem, k, name = f"{prefix}residual", 1, f"{prefix}residual1"
+    while name in taken:
+        k += 1
+        name = f"{stem}{k}"
+    return name
+
+
+def _stack_to(node: fx.Node, frame: ScopeFrame | None) -> tuple:
+    stack = node.meta.get(SCOPE_KEY, ())
+    if frame is None:
+        return ()
+    return stack[: stack.index(frame) + 1] if frame in stack else ()
+
+
+def _first_node(frame: ScopeFrame, region: _Region) -> fx.Node:
+    return next(n for n in region.nodes if frame in n.meta.get(SCOPE_KEY, ()))
 
 
 def _analyse_region(nodes: list[fx.Node], facts: _GraphFacts) -> _Region:
@@ -557,7 +610,7 @@ def _trailing_add(exit_node: fx.Node, facts: _GraphFacts, limit: int = 4) -> fx.
     return None
 
 
-def _sums_branches_of_entry(region: _Region, facts: _GraphFacts) -> bool:
+def _sums_branches_of_entry(region: _Region, facts: _GraphFacts, frame: ScopeFrame | None = None) -> bool:
     """A single-input scope ending in ``F(x) + x`` or ``F(x) + shortcut(x)``, judged inside the scope.
 
     The graph-wide dominator test misses a block whose input is also used
@@ -575,7 +628,52 @@ def _sums_branches_of_entry(region: _Region, facts: _GraphFacts) -> bool:
         return False
     # The two branches split at the entry itself, not at a value computed inside
     # (an nn.Sequential whose last block is residual is not residual itself).
-    return facts.idom(add) is region.entry
+    if facts.idom(add) is region.entry:
+        return True
+    # With context inputs (DiT's conditioning, a mask) the graph-wide dominator of the
+    # add lies before them all: judge on what flows from the entry alone.
+    return frame is not None and len(region.inputs) > 1 and _residual_from_entry(region, add, frame, facts)
+
+
+def _residual_from_entry(region: _Region, add: fx.Node, frame: ScopeFrame, facts: _GraphFacts) -> bool:
+    """``add`` closes a residual of this scope's own code, in the nodes that flow from its entry alone.
+
+    The residual's split point is ``add``'s immediate dominator there; the branch
+    between them must not lie inside one child module (then the child is the
+    residual block, as the last block of an nn.Sequential is, not the Sequential).
+    """
+    reachable = [region.entry]
+    seen = {region.entry}
+    for node in region.nodes:
+        if node in facts.activation and any(a in seen for a in node.all_input_nodes):
+            reachable.append(node)
+            seen.add(node)
+    if add not in seen:
+        return False
+    graph = nx.DiGraph()
+    graph.add_node(region.entry)
+    graph.add_edges_from((a, n) for n in reachable for a in n.all_input_nodes if a in seen)
+    idom = nx.immediate_dominators(graph, region.entry)
+    split = idom.get(add)
+    if split is None or split is add:
+        return False
+    ancestors = nx.ancestors(graph, add)
+    branch = [n for n in ancestors if n is not split and _dominated(n, split, idom)]
+    stacks = [n.meta.get(SCOPE_KEY, ()) for n in (*branch, add)]
+    if not all(frame in stack for stack in stacks):
+        return False
+    depth = stacks[0].index(frame)
+    children = {stack[depth + 1] if len(stack) > depth + 1 else None for stack in stacks}
+    return None in children or len(children) > 1
+
+
+def _dominated(node, by, idom) -> bool:
+    while node is not None:
+        if node is by:
+            return True
+        parent = idom.get(node)
+        node = None if parent is node else parent
+    return False
 
 
 def _parent_is_container(name: str, facts: _GraphFacts) -> bool:

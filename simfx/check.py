@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
+import sys
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -63,7 +65,15 @@ def check_training_graph(sim: SimGraphModule, traced: TracedModel) -> str:
             )
             return f"skipped: the model raised on the example inputs ({type(error).__name__})"
         reset()
-        actual = _run(lambda: graph_module(*traced.inputs), parameters, model)
+        try:
+            actual = _run(lambda: graph_module(*traced.inputs), parameters, model)
+        except Exception as error:  # the graph itself cannot train: a capture that does not train is no capture
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise FaithfulnessError(
+                f"simfx's training graph for {type(model).__name__} ({traced.frontend} frontend) cannot take a "
+                f"training step on the example inputs, though the model can: {type(error).__name__}: {first}\n"
+                f"Fix: try frontend={'fx' if traced.frontend == 'export' else 'export'!r}."
+            ) from error
     problems = _differences(expected, actual, parameters)
     if problems:
         raise FaithfulnessError(_message(model, traced, problems))
@@ -74,7 +84,7 @@ def _run(forward: Callable[[], Any], parameters, model: nn.Module):
     """Outputs and parameter gradients of one training-mode forward from a fixed seed."""
     model.train(True)
     devices = sorted({p.device.index or 0 for _, p in parameters if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+    with torch.random.fork_rng(devices=devices), _python_and_numpy_seeded(), torch.enable_grad():
         torch.manual_seed(_SEED)
         output = forward()
         leaves, spec = pytree.tree_flatten(output)
@@ -89,6 +99,23 @@ def _run(forward: Callable[[], Any], parameters, model: nn.Module):
         if score is not None and parameters:
             grads = torch.autograd.grad(score, [p for _, p in parameters], allow_unused=True)
     return spec, [_detached(leaf) for leaf in leaves], list(grads)
+
+
+@contextlib.contextmanager
+def _python_and_numpy_seeded() -> Iterator[None]:
+    """Python's and NumPy's generators seeded too (SpecAugment masks draw with NumPy), then restored."""
+    state = random.getstate()
+    numpy_random = sys.modules.get("numpy.random")
+    numpy_state = numpy_random.get_state() if numpy_random is not None else None
+    random.seed(_SEED)
+    if numpy_random is not None:
+        numpy_random.seed(_SEED)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+        if numpy_random is not None:
+            numpy_random.set_state(numpy_state)
 
 
 def _detached(value: Any) -> Any:

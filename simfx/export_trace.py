@@ -44,7 +44,7 @@ from torch.utils import _pytree as pytree
 from .errors import FaithfulnessError, TraceError
 from .inputs import CallTemplate, ExampleInputs, bound_forward_class
 from .recorders import TraceRecorder, frame_location, user_frame
-from .trace import GRAD_KEY, SCOPE_KEY, TracedModel, fetch_attr, has_hooks, hooks_suppressed, preserved_module_state, scope_from_module_stack
+from .trace import GRAD_KEY, OUTPUT_CONTAINER_KEY, SCOPE_KEY, TracedModel, fetch_attr, has_hooks, hooks_suppressed, preserved_module_state, scope_from_module_stack
 
 __all__ = ["export_model"]
 
@@ -222,6 +222,7 @@ def _rooted_graph(gm: fx.GraphModule, root: nn.Module, model: nn.Module, mode: s
         setattr(root, name, OutputStructure(spec))
         constants.append(name)
         result = graph.call_module(name, tuple(outputs))
+        result.meta[OUTPUT_CONTAINER_KEY] = True
     graph.output(result)
     graph.lint()
     return graph

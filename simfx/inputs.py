@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .errors import ExampleInputsError
 
@@ -31,10 +32,12 @@ class ExampleInputs:
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The graph's inputs in placeholder order: tensor arguments, then tensor keywords."""
-        return tuple(a for a in self.args if isinstance(a, torch.Tensor)) + tuple(
-            v for v in self.kwargs.values() if isinstance(v, torch.Tensor)
-        )
+        """The graph's inputs in placeholder order: the tensors of the arguments, then of the keywords.
+
+        Tensors inside tuples, lists and dicts (an RNN's ``(h, c)`` state) count too.
+        """
+        values = (*self.args, *self.kwargs.values())
+        return tuple(t for v in values for t in pytree.tree_leaves(v) if isinstance(t, torch.Tensor))
 
 
 def example_inputs(value: Any, model: nn.Module, caller: str) -> ExampleInputs:
@@ -66,6 +69,7 @@ def example_inputs(value: Any, model: nn.Module, caller: str) -> ExampleInputs:
 
 
 _INPUT = "input"
+_TREE = "tree"  # a tuple/list/dict holding tensors: (pytree spec, a slot per leaf)
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,12 @@ class CallTemplate:
         """The positional and keyword arguments of the model's forward for these inputs."""
         def fill(slot):
             kind, value = slot
-            return inputs[value] if kind == _INPUT else value
+            if kind == _INPUT:
+                return inputs[value]
+            if kind == _TREE:
+                spec, leaves = value
+                return pytree.tree_unflatten([fill(leaf) for leaf in leaves], spec)
+            return value
 
         return tuple(fill(s) for s in self.positional), {k: fill(s) for k, s in self.keywords}
 
@@ -109,9 +118,15 @@ class CallTemplate:
             return None
         found: dict[int, Any] = {}
         slots = [*zip(self.positional, args), *((s, kwargs[k]) for k, s in self.keywords)]
-        for (kind, value), given in slots:
+        while slots:
+            (kind, value), given = slots.pop()
             if kind == _INPUT:
                 found[value] = given
+            elif kind == _TREE:
+                leaves, spec = pytree.tree_flatten(given)
+                if spec != value[0]:
+                    return None
+                slots.extend(zip(value[1], leaves))
             elif given is not value and not _same_constant(given, value):
                 return None
         return tuple(found[i] for i in range(len(self.names)))
@@ -163,35 +178,42 @@ def bound_forward_class(model: nn.Module, inputs: ExampleInputs) -> tuple[type |
     positional = [p.name for p in params if p.kind in _POSITIONAL]
     star = next((p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), "args")
     placeholders: list[str] = []
-    call_args: list[str] = []
     constants: dict[str, Any] = {}
+
+    def bind(value: Any, name: str, key: str) -> tuple[tuple[str, Any], str]:
+        """(slot, source expression) of one argument value in the generated forward."""
+        if isinstance(value, torch.Tensor):
+            name = name if name.isidentifier() and name not in placeholders else f"input_{len(placeholders)}"
+            placeholders.append(name)
+            return (_INPUT, len(placeholders) - 1), name
+        leaves, spec = pytree.tree_flatten(value)
+        if any(isinstance(leaf, torch.Tensor) for leaf in leaves) and not spec.is_leaf():
+            # Tensors inside a structure are inputs too: the forward rebuilds the structure.
+            bound = [bind(leaf, f"{name}_{j}", f"{key}_{j}") for j, leaf in enumerate(leaves)]
+            constants[f"_spec_{key}"] = spec
+            expressions = ", ".join(source for _, source in bound)
+            return (_TREE, (spec, tuple(slot for slot, _ in bound))), (
+                f"_unflatten([{expressions}], _constants['_spec_{key}'])")
+        constants[key] = value
+        return ("constant", value), f"_constants[{key!r}]"
+
     slots: list[tuple[str, Any]] = []
     keyword_slots: list[tuple[str, tuple[str, Any]]] = []
+    call_args: list[str] = []
     for i, value in enumerate(inputs.args):
         name = positional[i] if i < len(positional) else f"{star}_{i - len(positional)}"
-        if isinstance(value, torch.Tensor):
-            slots.append((_INPUT, len(placeholders)))
-            placeholders.append(name)
-            call_args.append(name)
-        else:
-            slots.append(("constant", value))
-            constants[f"_c{i}"] = value
-            call_args.append(f"_constants['_c{i}']")
+        slot, source = bind(value, name, f"_c{i}")
+        slots.append(slot)
+        call_args.append(source)
     for key, value in inputs.kwargs.items():
-        if isinstance(value, torch.Tensor):
-            name = key if key.isidentifier() and key not in placeholders else f"kw_{len(placeholders)}"
-            keyword_slots.append((key, (_INPUT, len(placeholders))))
-            placeholders.append(name)
-            call_args.append(f"**{{{key!r}: {name}}}")
-        else:
-            keyword_slots.append((key, ("constant", value)))
-            constants[key] = value
-            call_args.append(f"**{{{key!r}: _constants[{key!r}]}}")
+        slot, source = bind(value, key, f"_k_{key}")
+        keyword_slots.append((key, slot))
+        call_args.append(f"**{{{key!r}: {source}}}")
     source = (
         f"def forward(self, {', '.join(placeholders)}):\n"
         f"    return _forward(self, {', '.join(call_args)})\n"
     )
-    namespace = {"_forward": cls.forward, "_constants": constants}
+    namespace = {"_forward": cls.forward, "_constants": constants, "_unflatten": pytree.tree_unflatten}
     exec(compile(source, f"<simfx bound {cls.__name__}.forward>", "exec"), namespace)
     forward = namespace["forward"]
     forward.__qualname__ = f"{cls.__qualname__}.forward"

@@ -167,9 +167,18 @@ def rewrite(
 
 
 def collapsible_frames(traced: TracedModel, plan: Plan) -> list[ScopeFrame]:
-    """Frames of planned module blocks that contain no other planned boundary."""
+    """Frames of planned module blocks that can run as one call of their module.
+
+    Not when another planned block lies inside, or reads a value computed inside
+    that the call would not return (its input or output is an inner node).
+    """
     by_key = {frame.key: frame for frame in traced.calls}
     planned_nodes = [set(b.boundary.nodes) for b in plan.blocks]
+    members: dict[ScopeFrame, set[str]] = {}
+    for node in traced.graph.nodes:
+        for frame in node.meta.get(SCOPE_KEY, ()):
+            if frame in traced.calls:
+                members.setdefault(frame, set()).add(node.name)
     frames = []
     for block, nodes in zip(plan.blocks, planned_nodes):
         frame = by_key.get(block.name) if block.boundary.kind == "module" else None
@@ -177,6 +186,11 @@ def collapsible_frames(traced: TracedModel, plan: Plan) -> list[ScopeFrame]:
             continue
         if any(other is not nodes and other <= nodes for other in planned_nodes):
             continue  # another planned block lies inside: keep this one traced
+        inner = members.get(frame, set()) - set(traced.calls[frame].outputs)
+        if any(
+            other is not block and {other.boundary.entry, other.boundary.exit} & inner for other in plan.blocks
+        ):
+            continue
         frames.append(frame)
     return frames
 

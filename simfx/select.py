@@ -184,36 +184,53 @@ def _with_primaries(b: Boundary, options: SimOptions) -> Boundary:
 
 
 def _auto(candidates: Sequence[Boundary]) -> tuple[list[Boundary], dict[str, str]]:
+    """The first policy that picks a block (see the module docstring), and a reason for every candidate."""
     why: dict[str, str] = {}
-    eligible = [b for b in candidates if b.eligible]
     for b in candidates:
         if not b.eligible:
             why[b.name] = b.reason
-    residual = [b for b in eligible if b.residual and b.has_weight]
-    opaque = _opaque_blocks(eligible, candidates)
-    if residual or opaque:
-        picked = _innermost_residual(residual, why) + opaque
-        for b in opaque:
-            why[b.name] = "an opaque block that looks residual or repeats among its siblings"
-        order = {b.name: i for i, b in enumerate(candidates)}
-        picked.sort(key=lambda b: order[b.name])
-        mode = "a residual block"
-    else:
-        picked = _container_children(eligible, why)
-        mode = "a weighted child of an nn.Sequential/nn.ModuleList"
-        if not picked:
-            picked = _composite_blocks(eligible, why)
-            mode = "a block of 2+ weight layers"
-    final = []
-    for b in picked:
-        if b.produces_output:
+        elif b.produces_output:
             why[b.name] = "produces the model's output"
-        else:
-            final.append(b)
-            why[b.name] = "selected by auto"
+    # Output producers never take SIM, so they take no part in choosing among nested blocks.
+    eligible = [b for b in candidates if b.eligible and not b.produces_output]
+    order = {b.name: i for i, b in enumerate(candidates)}
+
+    def residual_blocks(scratch):
+        residual = [b for b in eligible if b.residual and b.has_weight and b.weight_layers >= 1]
+        picked = _innermost_residual(residual, scratch)
+        covered = set().union(*(set(b.nodes) for b in picked))
+        for b in _opaque_blocks(eligible, candidates):
+            if set(b.nodes) & covered:
+                scratch[b.name] = f"an opaque block inside a picked residual block"
+                continue
+            scratch[b.name] = "an opaque block that looks residual or repeats among its siblings"
+            picked.append(b)
+        return sorted(picked, key=lambda b: order[b.name])
+
+    policies = (
+        ("a residual block", residual_blocks),
+        ("a weighted child of an nn.Sequential/nn.ModuleList", lambda scratch: _container_children(eligible, scratch)),
+        ("a block of 2+ weight layers", lambda scratch: _composite_blocks(eligible, scratch)),
+        ("a weighted child of the model", lambda scratch: _root_children(eligible)),
+    )
+    tried = []
+    for mode, policy in policies:
+        scratch: dict[str, str] = {}
+        final = policy(scratch)
+        tried.append(mode)
+        if final:
+            break
+    why.update(scratch)
+    for b in final:
+        why[b.name] = "selected by auto"
     for b in eligible:
         why.setdefault(b.name, f"not {mode}")
     return final, why
+
+
+def _root_children(eligible: list[Boundary]) -> list[Boundary]:
+    """Weighted direct children of the model: PointNet's layers, a GNN's or an RNN stack's layers."""
+    return [b for b in eligible if b.kind == "module" and b.module_name and "." not in b.module_name and b.has_weight]
 
 
 def _innermost_residual(residual: list[Boundary], why: dict[str, str]) -> list[Boundary]:
@@ -227,16 +244,34 @@ def _innermost_residual(residual: list[Boundary], why: dict[str, str]) -> list[B
         same = node_sets[inner.name] == node_sets[outer.name] and len(inner.name) > len(outer.name)
         return same or node_sets[inner.name] < node_sets[outer.name]
 
+    def holds_most(inner: list[Boundary], outer: Boundary) -> bool:
+        # A small residual inside a block (ConvNeXt-V2's GRN norm, a gate) does not stand
+        # for the block: the inner ones must apply at least half of its weight layers.
+        return 2 * sum(m.weight_layers for m in inner) >= outer.weight_layers
+
+    outermost_inner = {}
     for b in modules:
         inner = [m for m in modules if m is not b and nested(m, b)]
-        if inner:
+        direct = [m for m in inner if not any(o is not m and nested(m, o) for o in inner)]
+        outermost_inner[b.name] = direct
+    for b in modules:
+        inner = outermost_inner[b.name]
+        if inner and holds_most(inner, b):
             why[b.name] = f"contains residual block '{inner[0].name}' (auto picks the innermost)"
-        else:
-            picked.append(b)
+            continue
+        outer = [o for o in modules if o is not b and nested(b, o) and not holds_most(outermost_inner[o.name], o)]
+        if outer:
+            why[b.name] = f"inside residual block '{outer[0].name}', which holds most of its weight layers"
+            continue
+        picked.append(b)
     for b in regions:
         outer = [m for m in picked if node_sets[b.name] <= node_sets[m.name]]
         if outer:
             why[b.name] = f"inside residual block '{outer[-1].name}'"
+            continue
+        overlapping = [m for m in picked if node_sets[b.name] & node_sets[m.name]]
+        if overlapping:
+            why[b.name] = f"overlaps residual block '{overlapping[0].name}'"
             continue
         inner = [c for c in picked + regions if c is not b and node_sets[c.name] < node_sets[b.name]]
         if inner:

@@ -54,6 +54,8 @@ __all__ = [
 
 SCOPE_KEY = "simfx_scope"
 GRAD_KEY = "simfx_grad_enabled"
+# Marks a node that only rebuilds the model's output container (a ModelOutput, export's pytree).
+OUTPUT_CONTAINER_KEY = "simfx_output_container"
 
 _LEAF_MODULES: set[type] = set()
 _AUTOWRAP_FUNCTIONS: set[Callable[..., Any]] = set()
@@ -183,6 +185,10 @@ LeafStructure = Any
 class _ScopeTracer(fx.Tracer):
     """fx.Tracer that stamps scopes and grad modes, records module calls and honours leaf registries."""
 
+    # Buffers are graph values (get_attr nodes), as parameters are: nanoGPT's causal
+    # mask buffer sliced to the sequence length (self.bias[:, :, :T, :T]) then traces.
+    proxy_buffer_attributes = True
+
     def __init__(
         self,
         leaf_types: Iterable[type] = (),
@@ -260,7 +266,9 @@ class _ScopeTracer(fx.Tracer):
         # fx turns every dict into a plain one; a dict subclass (Hugging Face's
         # ModelOutput, a user's attribute dict) is rebuilt as its own type.
         if isinstance(a, dict) and type(a) not in (dict, immutable_dict) and all(isinstance(k, str) for k in a):
-            return self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in a.items()})
+            node = self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in a.items()})
+            node.meta[OUTPUT_CONTAINER_KEY] = True
+            return node
         return super().create_arg(a)
 
     def create_node(self, *args, **kwargs):

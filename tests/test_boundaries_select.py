@@ -38,7 +38,7 @@ def test_module_scope_records(tiny_resnet):
 def test_residual_region_without_module_is_named_after_scope_and_add(inline_net):
     found = candidates(inline_net, torch.randn(2, 5, 8))
     regions = [b for b in found.values() if b.kind == "residual"]
-    assert [b.name for b in regions] == ["add", "add_1", "add_2"]
+    assert [b.name for b in regions] == ["mlps.0.residual", "mlps.1.residual", "mlps.2.residual"]
     first = regions[0]
     assert first.entry == "stem" and first.exit == "add"
     assert set(first.nodes) >= {"norms_0", "mlps_0_0", "mlps_0_1", "mlps_0_2", "add"}

@@ -166,6 +166,42 @@ def _scripted() -> nn.Module:
         return torch.jit.script(nn.Linear(4, 4))
 
 
+class IntContext(nn.Module):
+    """A block taking an integer side input (class labels) besides its feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = LabelledBlock()
+
+    def forward(self, x):
+        return self.block(x, x.flatten(1).argmax(1))
+
+
+class LabelledBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.embed = nn.Embedding(192, 3)
+
+    def forward(self, x, labels):
+        return x + self.conv(x) + self.embed(labels)[:, :, None, None]
+
+
+def _graph_that_cannot_train(monkeypatch):
+    from simfx import check
+
+    real, calls = check._run, []
+
+    def run(forward, parameters, model):
+        calls.append(1)
+        if len(calls) == 2:  # the training graph's run (the model's own went first)
+            raise RuntimeError("derivative for aten::copy is not implemented")
+        return real(forward, parameters, model)
+
+    monkeypatch.setattr(check, "_run", run)
+    simfx.transform(TinyResNet(), X, frontend="fx")
+
+
 def _stand_in(name: str) -> nn.Module:
     """A module of a wrapper's class name (the real FSDP wrappers need a process group)."""
     return type(name, (TinyResNet,), {})()
@@ -358,8 +394,8 @@ MESSAGES = {
     'leaf_modules takes module classes or qualified names': (lambda: simfx.transform(TinyResNet(), X, leaf_modules=[3]), TypeError, r"leaf_modules takes module classes or qualified names, got \[3\]"),
     'leaf_modules names block9 are not submodules of': (lambda: simfx.transform(TinyResNet(), X, leaf_modules=["block9"]), ValueError, r"leaf_modules names \['block9'\] are not submodules of TinyResNet; use qualified names"),
     'simfx already made modules opaque automatically a': (_trace_with_many_opaque, simfx.TraceError, r"simfx already made 1 modules opaque automatically \(a, \.\.\.\) and stopped; pass leaf_modules"),
-    'example_inputs do not fit TinyResNet.forward it has': (lambda: simfx.transform(TinyResNet(), {"images": X}), TypeError, r"example_inputs do not fit TinyResNet\.forward\(.*\): it has no parameter 'images'"),
-    'example_inputs do not fit TinyResNet.forward Pass the': (lambda: simfx.transform(TinyResNet(), (X, X)), TypeError, r"example_inputs do not fit TinyResNet\.forward\(.*Pass the forward's positional arguments as a tuple"),
+    'example_inputs do not fit TinyResNet.forward it has': (lambda: simfx.transform(TinyResNet(), {"images": X}, frontend="fx"), TypeError, r"example_inputs do not fit TinyResNet\.forward\(.*\): it has no parameter 'images'"),
+    'example_inputs do not fit TinyResNet.forward Pass the': (lambda: simfx.transform(TinyResNet(), (X, X), frontend="fx"), TypeError, r"example_inputs do not fit TinyResNet\.forward\(.*Pass the forward's positional arguments as a tuple"),
     "could not trace TwoUntraceable inside module a UntraceableChild leaf_modules": (
         lambda: simfx.transform(TwoUntraceable(), torch.randn(2, 4), frontend="fx", auto_opaque=False), simfx.TraceError, r"could not trace TwoUntraceable: inside module 'a' \(.*UntraceableChild\).*x\.sum\(\) > 0.*leaf_modules=\[UntraceableChild\]"),
     "trace_model of a non-module": (lambda: trace.trace_model("resnet"), TypeError, r"simfx expects a torch\.nn\.Module, got str"),
@@ -392,6 +428,15 @@ MESSAGES = {
         lambda: simfx.transform(_stand_in("FullyShardedDataParallel"), X), simfx.UnsupportedModelError, r"FSDP-wrapped model; transform the plain module first"),
     "TorchScript module": (
         lambda: simfx.transform(_scripted(), torch.randn(2, 4)), simfx.UnsupportedModelError, r"TorchScript module.*simfx\.strip\(sim\)"),
+    "primary_input below zero": (lambda: SimOptions(primary_input=-1), ValueError, r"primary_input must be None or a position >= 0 among the block's tensors, got -1"),
+    "primary_input past the blocks inputs": (
+        lambda: simfx.transform(TinyResNet(), X, blocks=["blocks.0"], overrides={"blocks.0": {"primary_input": 3}}),
+        simfx.SelectorError, r"block 'blocks\.0': primary_input=3, but it has 1 tensor input\(s\): 0: stem \(2, 8, 8, 8\)"),
+    "primary_input on a tensor SIM cannot read": (
+        lambda: simfx.transform(IntContext(), X, blocks=["block"], overrides={"block": {"primary_input": 1}}),
+        simfx.SelectorError, r"block 'block': primary_input=1 names .* torch\.int64; SIM needs a floating-point tensor"),
+    "training graph that cannot train": (
+        _graph_that_cannot_train, simfx.FaithfulnessError, r"training graph for TinyResNet \(fx frontend\) cannot take a training step.*Fix: try frontend='export'"),
     "fully_shard before transform": (
         lambda: simfx.transform(nn.Sequential(_stand_in("FSDPModule"), nn.Conv2d(4, 2, 1)), X), simfx.UnsupportedModelError, r"fully_shard was applied to '0' before simfx\.transform.*Transform first"),
 }

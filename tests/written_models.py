@@ -1,0 +1,184 @@
+"""Models written the way their repositories write them, tiny: DiT, a Llama-style decoder, GCN, RNNs, PointNet.
+
+Blocks here take side inputs (DiT's conditioning, a decoder layer's mask and
+rotary embeddings, a graph's adjacency) or return side outputs (an RNN's state),
+and some models have no residual and no container at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block of DiT (Peebles & Xie): ``forward(x, c)``."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        nn.init.zeros_(self.adaLN_modulation[1].weight)
+        nn.init.zeros_(self.adaLN_modulation[1].bias)
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        h = self.norm1(x) * (1 + scale1.unsqueeze(1)) + shift1.unsqueeze(1)
+        x = x + gate1.unsqueeze(1) * self.attn(h, h, h, need_weights=False)[0]
+        h = self.norm2(x) * (1 + scale2.unsqueeze(1)) + shift2.unsqueeze(1)
+        return x + gate2.unsqueeze(1) * self.mlp(h)
+
+
+class DiT(nn.Module):
+    def __init__(self, dim: int = 32, depth: int = 3):
+        super().__init__()
+        self.x_embedder = nn.Conv2d(4, dim, 2, 2)
+        self.t_embedder = nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList([DiTBlock(dim) for _ in range(depth)])
+        self.final = nn.Linear(dim, 16)
+
+    def forward(self, x, t):
+        h = self.x_embedder(x).flatten(2).transpose(1, 2)
+        c = self.t_embedder(t.float().unsqueeze(1))
+        for block in self.blocks:
+            h = block(h, c)
+        return self.final(h)
+
+
+class Rotary(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)))
+
+    def forward(self, n: int):
+        t = torch.arange(n, device=self.inv_freq.device).float()
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    """A Llama-style pre-norm decoder layer: ``forward(x, mask, cos, sin)``."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.input_layernorm = nn.RMSNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.post_attention_layernorm = nn.RMSNorm(dim)
+        self.up_proj = nn.Linear(dim, 2 * dim, bias=False)
+        self.down_proj = nn.Linear(2 * dim, dim, bias=False)
+
+    def forward(self, x, mask, cos, sin):
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(self.input_layernorm(x)).view(batch, length, 3, self.heads, dim // self.heads).permute(
+            2, 0, 3, 1, 4)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.o_proj(attended.transpose(1, 2).reshape(batch, length, dim))
+        return x + self.down_proj(F.silu(self.up_proj(self.post_attention_layernorm(x))))
+
+
+class TinyLlama(nn.Module):
+    def __init__(self, dim: int = 32, vocab: int = 64):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.rotary = Rotary(dim // 4)
+        self.layers = nn.ModuleList([DecoderLayer(dim) for _ in range(2)])
+        self.norm = nn.RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab)
+        # nanoGPT's way: a causal mask buffer, sliced to the sequence length
+        self.register_buffer("causal", torch.tril(torch.ones(64, 64, dtype=torch.bool)), persistent=False)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed_tokens(input_ids)
+        n = input_ids.shape[1]
+        mask = self.causal[:n, :n] & attention_mask[:, None, None, :].bool()
+        cos, sin = self.rotary(n)
+        for layer in self.layers:
+            x = layer(x, mask, cos, sin)
+        return self.lm_head(self.norm(x))
+
+
+class GCNLayer(nn.Module):
+    """Kipf & Welling's graph convolution: ``forward(x, adjacency)``."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.linear = nn.Linear(cin, cout)
+
+    def forward(self, x, adjacency):
+        return F.relu(adjacency @ self.linear(x))
+
+
+class GCN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = GCNLayer(8, 16)
+        self.conv2 = GCNLayer(16, 16)
+        self.conv3 = GCNLayer(16, 4)
+
+    def forward(self, x, adjacency):
+        return self.conv3(self.conv2(self.conv1(x, adjacency), adjacency), adjacency)
+
+
+class RNNStack(nn.Module):
+    """Recurrent layers stacked by hand, each returning ``(output, state)``."""
+
+    def __init__(self, kind: str = "LSTM"):
+        super().__init__()
+        rnn = getattr(nn, kind)
+        self.embed = nn.Embedding(50, 16)
+        self.rnns = nn.ModuleList([rnn(16, 16, batch_first=True) for _ in range(3)])
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for rnn in self.rnns:
+            h, _ = rnn(h)
+        return self.head(h)
+
+
+class RNNModel(nn.Module):
+    """pytorch/examples' word language model: ``forward(input, hidden) -> (log_probs, hidden)``."""
+
+    def __init__(self, kind: str = "LSTM", ntoken: int = 50, ninp: int = 16, nhid: int = 16, nlayers: int = 2):
+        super().__init__()
+        self.drop = nn.Dropout(0.2)
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.rnn = getattr(nn, kind)(ninp, nhid, nlayers, dropout=0.2)
+        self.decoder = nn.Linear(nhid, ntoken)
+
+    def forward(self, input, hidden):
+        emb = self.drop(self.encoder(input))
+        output, hidden = self.rnn(emb, hidden)
+        output = self.drop(output)
+        return F.log_softmax(self.decoder(output), dim=-1), hidden
+
+
+class PointNet(nn.Module):
+    """PointNet's classifier: shared 1x1 convolutions, a max pool, an MLP; no residual, no container."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv1d(3, 32, 1), nn.BatchNorm1d(32)
+        self.conv2, self.bn2 = nn.Conv1d(32, 64, 1), nn.BatchNorm1d(64)
+        self.conv3, self.bn3 = nn.Conv1d(64, 128, 1), nn.BatchNorm1d(128)
+        self.fc1, self.fc2 = nn.Linear(128, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x)).max(dim=2)[0]
+        return self.fc2(F.relu(self.fc1(x)))
