@@ -59,6 +59,7 @@ def transform(
     dim: int = 128,
     channel_dim: int | tuple[int, int] | None = None,
     per_block: bool = False,
+    loss_in_output: bool = False,
     frontend: str = "auto",
     leaf_modules: Sequence[type | str] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
@@ -82,6 +83,13 @@ def transform(
         objective, beta, token_ratio, channel_ratio, token_sampling, loss, dim,
             channel_dim: default SIM options (see :class:`~simfx.SimOptions`).
         per_block: also return ``{block name: loss}`` as a third output.
+        loss_in_output: return the model's own output type instead of a tuple, for
+            training stacks that read the loss from it (Hugging Face's ``Trainer``): in
+            training the output (a dict or ``ModelOutput``) gets a ``sim_loss`` entry
+            (and ``sim_losses`` with ``per_block=True``) and its ``loss``, when the
+            model computed one (labels given), becomes ``loss + sim_loss``; without
+            labels ``loss`` stays as the model left it. Eval mode returns the model's
+            output alone.
         frontend: ``"auto"`` (fx first; ``torch.export`` when fx cannot capture the
             model, finds no block, hides most parameters in opaque modules, or fails
             the check), ``"fx"`` or ``"export"``.
@@ -129,7 +137,8 @@ def transform(
         model = copy_module.deepcopy(model)
     selection = _Selection(blocks, exclude, overrides, defaults, allow_empty=False)
     capture = _Capture(frontend, tuple(leaf_modules), tuple(autowrap_functions), auto_opaque)
-    built = _build(model, inputs, capture, selection, per_block=per_block, check=check)
+    built = _build(model, inputs, capture, selection, per_block=per_block, check=check,
+                   loss_in_output=loss_in_output)
     return built.sim
 
 
@@ -169,7 +178,8 @@ class _Built:
     notes: tuple[str, ...] = ()
 
 
-def _build(model, user_inputs, capture: _Capture, selection: _Selection, *, per_block: bool, check: bool) -> _Built:
+def _build(model, user_inputs, capture: _Capture, selection: _Selection, *, per_block: bool, check: bool,
+           loss_in_output: bool = False) -> _Built:
     """Capture with the chosen frontend, select, rewrite and check; ``auto`` falls back to export."""
     if capture.frontend not in FRONTENDS:
         raise ValueError(f"frontend={capture.frontend!r} is not one of {FRONTENDS}.")
@@ -186,6 +196,7 @@ def _build(model, user_inputs, capture: _Capture, selection: _Selection, *, per_
         if built.plan.blocks:
             built.sim = rewrite(
                 built.traced, built.plan, candidates=built.candidates, per_block=per_block,
+                loss_in_output=loss_in_output,
                 eval_call=built.traced.call.without(tuple(flags)), notes=notes,
             )
             status = check_training_graph(built.sim, built.traced) if check else "skipped: check=False"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import linecache
+from collections.abc import MutableMapping
 from typing import Any, Sequence
 
 import torch
@@ -81,6 +82,7 @@ class SimGraphModule(fx.GraphModule):
         flag_readers: Sequence[tuple[str, nn.Module, str, bool]] = (),
         block_names: Sequence[str] = (),
         per_block: bool = False,
+        loss_in_output: bool = False,
     ):
         # The dispatching forward needs the call template while fx compiles the graph;
         # the model comes after nn.Module.__init__, whose `training = True` must not
@@ -89,6 +91,7 @@ class SimGraphModule(fx.GraphModule):
         self.__dict__["_simfx_eval_call"] = eval_call or call
         self.__dict__["_simfx_block_names"] = tuple(block_names)
         self.__dict__["_simfx_per_block"] = per_block
+        self.__dict__["_simfx_loss_in_output"] = loss_in_output
         super().__init__(holder, graph, "SimGraphModule")
         self.__dict__[_MODEL] = model
         # fx copied only the attributes the graph references, into fresh container
@@ -159,12 +162,16 @@ class SimGraphModule(fx.GraphModule):
         self._simfx_check_traced_modules()
         model = self.__dict__[_MODEL]
         if has_hooks(model) or _global_hooks():
-            return _with_root_hooks(self, model, inputs)
-        return self._simfx_train_graph_forward(*inputs)
+            outputs = _with_root_hooks(self, model, inputs)
+        else:
+            outputs = self._simfx_train_graph_forward(*inputs)
+        return _loss_into_output(model, outputs) if self._simfx_loss_in_output else outputs
 
     def _simfx_eval_step(self, inputs: tuple):
         args, kwargs = self._simfx_eval_call.model_call(inputs)
         output = self.__dict__[_MODEL](*args, **kwargs)
+        if self._simfx_loss_in_output:
+            return output
         zero = _zero_like_first_tensor(inputs)
         if self._simfx_per_block:
             return output, zero, {name: zero for name in self._simfx_block_names}
@@ -224,6 +231,23 @@ class SimGraphModule(fx.GraphModule):
     def sim_blocks(self):
         """The planned blocks (boundary, options, submodule key), in graph order."""
         return self.simfx_info.plan.blocks
+
+
+def _loss_into_output(model: nn.Module, outputs: tuple):
+    """The model's output with ``sim_loss`` (and ``sim_losses``) in it, and in its ``loss`` when it has one."""
+    output, sim_loss = outputs[0], outputs[1]
+    if not isinstance(output, MutableMapping):
+        raise TypeError(
+            f"transform(..., loss_in_output=True) needs a model returning a dict or a ModelOutput; "
+            f"{type(model).__name__} returned {type(output).__name__}. Use the default (output, sim_loss) tuple."
+        )
+    task_loss = output.get("loss")
+    output["sim_loss"] = sim_loss
+    if len(outputs) > 2:
+        output["sim_losses"] = outputs[2]
+    if task_loss is not None:
+        output["loss"] = task_loss + sim_loss
+    return output
 
 
 def _zero_like_first_tensor(inputs: tuple) -> torch.Tensor:

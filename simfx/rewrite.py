@@ -63,6 +63,7 @@ class SimInfo:
     opaque: Mapping[str, str] = field(default_factory=dict)
     example_shapes: tuple[tuple[int, ...] | None, ...] = ()
     per_block: bool = False
+    loss_in_output: bool = False
     frontend: str = "fx"
     calls: tuple[str, ...] = ()
     traced: tuple[str, ...] = ()
@@ -77,6 +78,7 @@ def rewrite(
     *,
     candidates: Sequence[Boundary] = (),
     per_block: bool = False,
+    loss_in_output: bool = False,
     eval_call: CallTemplate | None = None,
     notes: tuple[str, ...] = (),
 ) -> SimGraphModule:
@@ -150,6 +152,7 @@ def rewrite(
         ],
         block_names=[b.name for b in plan.blocks],
         per_block=per_block,
+        loss_in_output=loss_in_output,
     )
     sim.simfx_info = SimInfo(
         plan=plan,
@@ -157,6 +160,7 @@ def rewrite(
         opaque=dict(traced.opaque),
         example_shapes=tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in traced.inputs),
         per_block=per_block,
+        loss_in_output=loss_in_output,
         frontend=traced.frontend,
         calls=tuple(sorted(frame.key for frame in collapsed)),
         traced=tuple(sorted(traced_frames)),
