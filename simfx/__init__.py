@@ -9,22 +9,23 @@
 """
 
 from . import metrics
+from .runtime import monitor  # simfx.monitor.flush(): the deferred non-finite loss checks
 from .api import BoundaryRow, BoundaryTable, find_boundaries, transform
-from .boundaries import Boundary
-from .draw import draw
+from .analysis.boundaries import Boundary
+from .inspect.draw import draw
 from .errors import (
     ExampleInputsError, FaithfulnessError, NoEligibleBlockError, SelectorError, SimfxError, TraceError,
     UnsupportedModelError,
 )
-from .explain import Report, explain
-from .monitor import NonFiniteLossWarning
-from .graph_module import SimGraphModule
-from .graphs import GraphDiff, graph_diff, to_networkx
-from .objectives import objective_names, register_objective
+from .inspect.explain import Report, explain
+from .runtime.monitor import NonFiniteLossWarning
+from .runtime.module import SimGraphModule
+from .inspect.graphs import GraphDiff, graph_diff, to_networkx
+from .runtime.objectives import objective_names, register_objective
 from .options import SimOptions
-from .rewrite import original_state_dict, strip
-from .select import Plan, PlannedBlock
-from .trace import register_autowrap_function, register_leaf_module
+from .emit.rewrite import original_state_dict, strip
+from .plan.select import Plan, PlannedBlock
+from .capture.fx_trace import register_autowrap_function, register_leaf_module
 from . import integrations  # noqa: F401  (library registrations, e.g. timm's notrace marks)
 from . import compat  # simfx.compat: the SIM-pytorch decorator API; no dependency beyond the modules above
 

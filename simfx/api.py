@@ -22,17 +22,17 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch.fx as fx
 from torch import nn
 
-from .boundaries import Boundary, find_candidates
-from .check import check_training_graph
+from .analysis.boundaries import Boundary, find_candidates
+from .emit.check import check_training_graph
 from .errors import ExampleInputsError, FaithfulnessError, NoEligibleBlockError, TraceError
-from .graph_module import SimGraphModule
-from .inputs import ExampleInputs, example_inputs as as_example_inputs, training_inputs
+from .runtime.module import SimGraphModule
+from .capture.inputs import ExampleInputs, example_inputs as as_example_inputs, training_inputs
 from .options import SimOptions
-from .rewrite import collapsible_frames, rewrite
-from .select import Plan, select_blocks
-from .shapes import GraphShapes, propagate_shapes
-from .trace import TracedModel, trace_model
-from .wrapped import unwrapped_model
+from .emit.rewrite import collapsible_frames, rewrite
+from .plan.select import Plan, select_blocks
+from .analysis.shapes import GraphShapes, propagate_shapes
+from .capture.fx_trace import TracedModel, trace_model
+from .capture.wrapped import unwrapped_model
 
 __all__ = ["transform", "find_boundaries", "BoundaryRow", "BoundaryTable"]
 
@@ -264,7 +264,7 @@ def _build(model, user_inputs, capture: _Capture, selection: _Selection, *, per_
 
 def _analyse(model, inputs: ExampleInputs, frontend: str, capture: _Capture, selection: _Selection) -> _Built:
     if frontend == "export":
-        from .export_trace import export_model  # torch.export loads lazily; fx users never pay for it
+        from .capture.export_trace import export_model  # torch.export loads lazily; fx users never pay for it
 
         traced = export_model(model, inputs)
         shapes = propagate_shapes(traced.graph, traced.root, traced.inputs)

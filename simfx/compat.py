@@ -90,9 +90,9 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .objectives import BoundaryObjective, aggregate_losses, build_objective, get_objective, objective_names
+from .runtime.objectives import BoundaryObjective, aggregate_losses, build_objective, get_objective, objective_names
 from .options import LOSS_TYPES, TOKEN_SAMPLING, SimOptions
-from .shapes import _CHANNEL_FIRST_MODULES, _CHANNEL_LAST_MODULES
+from .analysis.shapes import _CHANNEL_FIRST_MODULES, _CHANNEL_LAST_MODULES
 
 __all__ = [
     "init_proj",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from .trace import add_registration_hook, register_autowrap_function, register_leaf_module
+from .capture.fx_trace import add_registration_hook, register_autowrap_function, register_leaf_module
 
 __all__: list[str] = []
 

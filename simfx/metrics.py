@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .rewrite import NAMESPACE
+from .emit.rewrite import NAMESPACE
 
 __all__ = ["WeightStd", "weight_std", "log_block_losses", "BlockLossMeter"]
 

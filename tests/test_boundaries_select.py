@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import simfx
-from simfx.boundaries import find_candidates
-from simfx.inputs import ExampleInputs
-from simfx.shapes import propagate_shapes
-from simfx.trace import trace_model
+from simfx.analysis.boundaries import find_candidates
+from simfx.capture.inputs import ExampleInputs
+from simfx.analysis.shapes import propagate_shapes
+from simfx.capture.fx_trace import trace_model
 from conftest import ConvBlock, InlineResidualNet, TinyResNet
 
 

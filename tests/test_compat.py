@@ -22,7 +22,7 @@ from torch._dynamo.testing import CompileCounter
 import simfx
 from conftest import assert_reconstructor_gradients
 from simfx.compat import LossSimTracker, compute_loss_sim, forward_with_sim_cache, init_proj
-from simfx.objectives import RhoSim, SelfModel
+from simfx.runtime.objectives import RhoSim, SelfModel
 
 
 # --- blocks and models -------------------------------------------------------------

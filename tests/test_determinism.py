@@ -1,7 +1,7 @@
 """Determinism: with a fixed seed, two eager runs give identical losses and gradients.
 
 Every random choice simfx makes is a torch draw on the activation's device
-(``torch.rand`` then ``argsort``; see :mod:`simfx.tokens`), so seeding torch
+(``torch.rand`` then ``argsort``; see :mod:`simfx.runtime.tokens`), so seeding torch
 fixes the token samples, and the rest is ordinary deterministic kernels on CPU.
 What holds under ``torch.compile`` is in the README ("Determinism").
 """

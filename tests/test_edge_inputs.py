@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import simfx
-from simfx import monitor
+from simfx.runtime import monitor
 
 from conftest import TinyResNet
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import simfx
-from simfx.rewrite import plain_graph
+from simfx.emit.rewrite import plain_graph
 from conftest import ConvBlock, StopGradient
 
 

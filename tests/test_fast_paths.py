@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simfx.objectives import _NormMSE, build_objective, norm_mse, norm_mse_reference
+from simfx.runtime.objectives import _NormMSE, build_objective, norm_mse, norm_mse_reference
 from simfx.options import SimOptions
-from simfx.shapes import propagate_shapes
-from simfx.tokens import input_tokens_on_output_grid, take_tokens, to_tokens
-from simfx.inputs import ExampleInputs
-from simfx.trace import trace_model
+from simfx.analysis.shapes import propagate_shapes
+from simfx.runtime.tokens import input_tokens_on_output_grid, take_tokens, to_tokens
+from simfx.capture.inputs import ExampleInputs
+from simfx.capture.fx_trace import trace_model
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (2, 2, 4), (4, 40, 128)])

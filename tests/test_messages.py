@@ -29,13 +29,15 @@ import torch
 from torch import nn
 
 import simfx
-from simfx import compat, model_spec, objectives, trace
+from simfx import compat, model_spec
+from simfx.capture import fx_trace as trace
+from simfx.runtime import objectives
 from simfx.options import SimOptions
 
 from conftest import ConvBlock, StopGradient, TinyResNet
 
 PACKAGE = pathlib.Path(simfx.__file__).parent
-draw_module = importlib.import_module("simfx.draw")  # simfx.draw is the function
+draw_module = importlib.import_module("simfx.inspect.draw")  # simfx.draw is the function
 X = torch.randn(2, 3, 8, 8)
 
 
@@ -188,7 +190,7 @@ class LabelledBlock(nn.Module):
 
 
 def _graph_that_cannot_train(monkeypatch):
-    from simfx import check
+    from simfx.emit import check
 
     real, calls = check._run, []
 
@@ -428,6 +430,9 @@ MESSAGES = {
         lambda: simfx.transform(_stand_in("FullyShardedDataParallel"), X), simfx.UnsupportedModelError, r"FSDP-wrapped model; transform the plain module first"),
     "TorchScript module": (
         lambda: simfx.transform(_scripted(), torch.randn(2, 4)), simfx.UnsupportedModelError, r"TorchScript module.*simfx\.strip\(sim\)"),
+    "loss_in_output on a model returning a tensor": (
+        lambda: simfx.transform(TinyResNet(), X, loss_in_output=True)(X), TypeError,
+        r"loss_in_output=True needs a model returning a dict or a ModelOutput; TinyResNet returned Tensor"),
     "primary_input below zero": (lambda: SimOptions(primary_input=-1), ValueError, r"primary_input must be None or a position >= 0 among the block's tensors, got -1"),
     "primary_input past the blocks inputs": (
         lambda: simfx.transform(TinyResNet(), X, blocks=["blocks.0"], overrides={"blocks.0": {"primary_input": 3}}),

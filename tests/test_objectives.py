@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_reconstructor_gradients
-from simfx.objectives import aggregate_losses, build_objective, get_objective, register_objective, objective_names
+from simfx.runtime.objectives import aggregate_losses, build_objective, get_objective, register_objective, objective_names
 from simfx.options import SimOptions
 
 LOSSES = ["norm_mse", "mse", "cos", "smooth_l1", "kl"]
@@ -30,7 +30,7 @@ def ref_tokens(t, channel_dim):
 
 
 def ref_indices(strategy, x_tok, n, k, batch):
-    """Step 4, with the random-number contract documented in simfx.tokens."""
+    """Step 4, with the random-number contract documented in simfx.runtime.tokens."""
     if k >= n:
         return None
     if strategy == "shared":

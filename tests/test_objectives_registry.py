@@ -12,9 +12,9 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 import simfx
-import simfx.objectives as objectives
+import simfx.runtime.objectives as objectives
 from conftest import TinyResNet
-from simfx.objectives import build_objective
+from simfx.runtime.objectives import build_objective
 from simfx.options import SimOptions
 
 
@@ -31,7 +31,7 @@ def conv_head(objective, channels=6, **options):
 
 
 def tokens64(y):
-    """NCHW -> (B, HW, C) in float64, written out independently of simfx.tokens."""
+    """NCHW -> (B, HW, C) in float64, written out independently of simfx.runtime.tokens."""
     b, c, h, w = y.shape
     return y.double().permute(0, 2, 3, 1).reshape(b, h * w, c)
 
@@ -76,7 +76,7 @@ def test_activation_l2_on_sampled_tokens_by_hand():
     x, y = torch.randn(3, 6, 4, 4), torch.randn(3, 6, 4, 4, requires_grad=True)
     torch.manual_seed(11)
     loss = head(x, y)
-    # The random-number contract of simfx.tokens: per_sample draws rand(B, N).argsort.
+    # The random-number contract of simfx.runtime.tokens: per_sample draws rand(B, N).argsort.
     torch.manual_seed(11)
     index = torch.rand(3, 16).argsort(dim=1)[:, :4]
     a = tokens64(y.detach())

@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 import simfx
-from simfx.trace import trace_model
+from simfx.capture.fx_trace import trace_model
 from conftest import TinyResNet
 
 
@@ -71,7 +71,7 @@ def test_leaf_module_by_qualified_name_and_registry():
         traced = trace_model(UsesDataDependentBlock())
         assert "block" in traced.opaque
     finally:
-        from simfx import trace
+        from simfx.capture import fx_trace as trace
 
         trace._LEAF_MODULES.discard(DataDependentBlock)
     with pytest.raises(ValueError, match=r"leaf_modules names \['nope'\] are not submodules"):

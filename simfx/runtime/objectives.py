@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .options import SimOptions
+from ..options import SimOptions
 from .tokens import input_tokens_on_output_grid, sample_count, sample_pair, to_tokens
 
 __all__ = [

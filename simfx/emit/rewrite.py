@@ -30,14 +30,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import monitor
-from .boundaries import Boundary
+from ..runtime import monitor
+from ..analysis.boundaries import Boundary
 from .collapse import collapse_calls
-from .graph_module import SimGraphModule
-from .inputs import CallTemplate
-from .objectives import BoundaryObjective, build_objective, get_objective
-from .select import Plan, PlannedBlock
-from .trace import GRAD_KEY, SCOPE_KEY, ScopeFrame, TracedModel, copy_graph
+from ..runtime.module import SimGraphModule
+from ..capture.inputs import CallTemplate
+from ..runtime.objectives import BoundaryObjective, build_objective, get_objective
+from ..plan.select import Plan, PlannedBlock
+from ..capture.fx_trace import GRAD_KEY, SCOPE_KEY, ScopeFrame, TracedModel, copy_graph
 
 __all__ = ["SimInfo", "NAMESPACE", "rewrite", "strip", "original_state_dict", "plain_graph", "collapsible_frames"]
 

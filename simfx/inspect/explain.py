@@ -34,13 +34,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .boundaries import token_count
-from .graph_module import SimGraphModule
+from ..analysis.boundaries import token_count
+from ..runtime.module import SimGraphModule
 from .graphs import example_inputs_for
-from .objectives import BoundaryObjective, RhoSim
-from .options import SimOptions
-from .rewrite import NAMESPACE, strip
-from .tokens import sample_count
+from ..runtime.objectives import BoundaryObjective, RhoSim
+from ..options import SimOptions
+from ..emit.rewrite import NAMESPACE, strip
+from ..runtime.tokens import sample_count
 
 __all__ = ["BlockRow", "RejectedRow", "Report", "explain", "format_table"]
 

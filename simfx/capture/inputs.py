@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import ExampleInputsError
+from ..errors import ExampleInputsError
 
 __all__ = ["ExampleInputs", "CallTemplate", "example_inputs", "bound_forward_class", "training_inputs"]
 

@@ -34,10 +34,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
-from .boundaries import Boundary
-from .errors import NoEligibleBlockError, SelectorError
-from .objectives import get_objective
-from .options import SimOptions, merge_options
+from ..analysis.boundaries import Boundary
+from ..errors import NoEligibleBlockError, SelectorError
+from ..runtime.objectives import get_objective
+from ..options import SimOptions, merge_options
 
 __all__ = ["Selector", "PlannedBlock", "Plan", "select_blocks", "matches"]
 

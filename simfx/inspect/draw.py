@@ -33,9 +33,9 @@ import networkx as nx
 from torch import nn
 
 from .explain import _count
-from .graph_module import SimGraphModule
+from ..runtime.module import SimGraphModule
 from .graphs import to_networkx
-from .rewrite import NAMESPACE
+from ..emit.rewrite import NAMESPACE
 
 __all__ = ["draw"]
 

@@ -17,10 +17,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph_module import SimGraphModule
-from .rewrite import BOUNDARY, INSERTED, plain_graph
-from .shapes import TensorMeta, propagate_shapes
-from .trace import SCOPE_KEY
+from ..runtime.module import SimGraphModule
+from ..emit.rewrite import BOUNDARY, INSERTED, plain_graph
+from ..analysis.shapes import TensorMeta, propagate_shapes
+from ..capture.fx_trace import SCOPE_KEY
 
 __all__ = ["to_networkx", "graph_diff", "GraphDiff", "node_shapes", "target_name"]
 

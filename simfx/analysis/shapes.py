@@ -30,8 +30,8 @@ from torch import nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.interpreter import Interpreter
 
-from .errors import ExampleInputsError
-from .trace import hooks_suppressed, preserved_module_state
+from ..errors import ExampleInputsError
+from ..capture.fx_trace import hooks_suppressed, preserved_module_state
 
 __all__ = ["TensorMeta", "GraphShapes", "propagate_shapes"]
 
@@ -61,7 +61,7 @@ class GraphShapes:
     (ints, shapes, None) are absent. ``storage``: an identity of each tensor
     value's storage (views share it). ``mutated``: the storages each node changed
     in place. ``leaf_structures``: for opaque modules (``call_module`` targets)
-    returning a tuple or list, its structure (see ``simfx.trace.LeafStructure``).
+    returning a tuple or list, its structure (see ``simfx.capture.fx_trace.LeafStructure``).
     """
 
     metas: dict[str, Any] = field(default_factory=dict)

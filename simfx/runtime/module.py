@@ -36,9 +36,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import FaithfulnessError
-from .inputs import CallTemplate
-from .trace import has_hooks
+from ..errors import FaithfulnessError
+from ..capture.inputs import CallTemplate
+from ..capture.fx_trace import has_hooks
 
 __all__ = ["SimGraphModule"]
 

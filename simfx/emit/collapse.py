@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 
 import torch.fx as fx
 
-from .trace import GRAD_KEY, SCOPE_KEY, ModuleCall, ScopeFrame
+from ..capture.fx_trace import GRAD_KEY, SCOPE_KEY, ModuleCall, ScopeFrame
 
 __all__ = ["collapse_calls"]
 

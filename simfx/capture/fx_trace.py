@@ -27,6 +27,7 @@ train/eval flags are restored afterwards.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.immutable_collections import immutable_dict
 
-from .errors import TraceError
+from ..errors import TraceError
 from .inputs import CallTemplate, ExampleInputs, bound_forward_class
 from .recorders import Finding, TraceRecorder, frame_location, user_frame
 
@@ -264,9 +265,16 @@ class _ScopeTracer(fx.Tracer):
 
     def create_arg(self, a: Any):
         # fx turns every dict into a plain one; a dict subclass (Hugging Face's
-        # ModelOutput, a user's attribute dict) is rebuilt as its own type.
-        if isinstance(a, dict) and type(a) not in (dict, immutable_dict) and all(isinstance(k, str) for k in a):
-            node = self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in a.items()})
+        # ModelOutput, an OrderedDict of feature maps) is rebuilt as its own type.
+        if isinstance(a, dict) and type(a) not in (dict, immutable_dict):
+            items = {k: self.create_arg(v) for k, v in a.items()}
+            cls = type(a)
+            if cls.__init__ in (dict.__init__, collections.OrderedDict.__init__):
+                node = self.create_node("call_function", cls, (items,), {})  # OrderedDict(mapping)
+            elif all(isinstance(k, str) and k.isidentifier() for k in a):
+                node = self.create_node("call_function", cls, (), items)  # ModelOutput(**fields)
+            else:
+                return super().create_arg(a)
             node.meta[OUTPUT_CONTAINER_KEY] = True
             return node
         return super().create_arg(a)

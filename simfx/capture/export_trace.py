@@ -41,10 +41,10 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import FaithfulnessError, TraceError
+from ..errors import FaithfulnessError, TraceError
 from .inputs import CallTemplate, ExampleInputs, bound_forward_class
 from .recorders import TraceRecorder, frame_location, user_frame
-from .trace import GRAD_KEY, OUTPUT_CONTAINER_KEY, SCOPE_KEY, TracedModel, fetch_attr, has_hooks, hooks_suppressed, preserved_module_state, scope_from_module_stack
+from .fx_trace import GRAD_KEY, OUTPUT_CONTAINER_KEY, SCOPE_KEY, TracedModel, fetch_attr, has_hooks, hooks_suppressed, preserved_module_state, scope_from_module_stack
 
 __all__ = ["export_model"]
 

@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from .shapes import GraphShapes, TensorMeta, _weight_layer_channel_dim, op_name
-from .trace import GRAD_KEY, OUTPUT_CONTAINER_KEY, SCOPE_KEY, ScopeFrame, fetch_attr, weight_layers
+from ..capture.fx_trace import GRAD_KEY, OUTPUT_CONTAINER_KEY, SCOPE_KEY, ScopeFrame, fetch_attr, weight_layers
 
 __all__ = ["Boundary", "Port", "find_candidates", "layout_name", "token_count"]
 

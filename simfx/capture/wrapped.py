@@ -13,7 +13,7 @@ import warnings
 
 from torch import nn
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 __all__ = ["unwrapped_model"]
 

@@ -31,10 +31,10 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import FaithfulnessError
-from .graph_module import SimGraphModule
+from ..errors import FaithfulnessError
+from ..runtime.module import SimGraphModule
 from .rewrite import plain_graph
-from .trace import TracedModel, hooks_suppressed, preserved_module_state
+from ..capture.fx_trace import TracedModel, hooks_suppressed, preserved_module_state
 
 __all__ = ["check_training_graph"]
 
