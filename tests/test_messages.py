@@ -432,7 +432,7 @@ MESSAGES = {
         lambda: simfx.transform(_scripted(), torch.randn(2, 4)), simfx.UnsupportedModelError, r"TorchScript module.*simfx\.strip\(sim\)"),
     "loss_in_output on a model returning a tensor": (
         lambda: simfx.transform(TinyResNet(), X, loss_in_output=True)(X), TypeError,
-        r"loss_in_output=True needs a model returning a dict or a ModelOutput; TinyResNet returned Tensor"),
+        r"loss_in_output=True\) needs a model returning a dict or a ModelOutput; TinyResNet returned Tensor"),
     "primary_input below zero": (lambda: SimOptions(primary_input=-1), ValueError, r"primary_input must be None or a position >= 0 among the block's tensors, got -1"),
     "primary_input past the blocks inputs": (
         lambda: simfx.transform(TinyResNet(), X, blocks=["blocks.0"], overrides={"blocks.0": {"primary_input": 3}}),
