@@ -21,11 +21,11 @@ from .inspect.explain import Report, explain
 from .runtime.monitor import NonFiniteLossWarning
 from .runtime.module import SimGraphModule
 from .inspect.graphs import GraphDiff, graph_diff, to_networkx
-from .runtime.objectives import objective_names, register_objective
+from .runtime.objectives import OBJECTIVES, objective_names, register_objective
 from .options import SimOptions
-from .emit.rewrite import original_state_dict, strip
+from .runtime.module import original_state_dict, strip
 from .plan.select import Plan, PlannedBlock
-from .capture.fx_trace import register_autowrap_function, register_leaf_module
+from .capture.registry import AUTOWRAP_FUNCTIONS, LEAF_MODULES, register_autowrap_function, register_leaf_module
 from . import integrations  # noqa: F401  (library registrations, e.g. timm's notrace marks)
 from . import compat  # simfx.compat: the SIM-pytorch decorator API; no dependency beyond the modules above
 
@@ -45,6 +45,9 @@ __all__ = [
     "register_leaf_module",
     "register_autowrap_function",
     "register_objective",
+    "LEAF_MODULES",
+    "AUTOWRAP_FUNCTIONS",
+    "OBJECTIVES",
     "objective_names",
     "metrics",
     "SimOptions",

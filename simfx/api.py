@@ -31,7 +31,8 @@ from .options import SimOptions
 from .emit.rewrite import collapsible_frames, rewrite
 from .plan.select import Plan, select_blocks
 from .analysis.shapes import GraphShapes, propagate_shapes
-from .capture.fx_trace import TracedModel, trace_model
+from .capture.fx_trace import trace_model
+from .capture.record import TracedModel
 from .capture.wrapped import unwrapped_model
 
 __all__ = ["transform", "find_boundaries", "BoundaryRow", "BoundaryTable"]
@@ -268,7 +269,7 @@ def _analyse(model, inputs: ExampleInputs, frontend: str, capture: _Capture, sel
 
         traced = export_model(model, inputs)
         shapes = propagate_shapes(traced.graph, traced.root, traced.inputs)
-        candidates = find_candidates(traced.graph, traced.root, shapes, traced.opaque)
+        candidates = find_candidates(traced, shapes)
         return _Built(traced, shapes, candidates, selection.plan(candidates))
 
     leaves = list(capture.leaf_modules)
@@ -288,7 +289,7 @@ def _analyse(model, inputs: ExampleInputs, frontend: str, capture: _Capture, sel
         if _new_structures(shapes, structures, model):
             structures.update(shapes.leaf_structures)  # trace opaque modules' tuple results as tuples
             continue
-        candidates = find_candidates(traced.graph, traced.root, shapes, traced.opaque)
+        candidates = find_candidates(traced, shapes)
         plan = selection.plan(candidates)
         lost = _lost_outside_calls(traced, plan)
         if not lost:

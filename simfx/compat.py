@@ -90,9 +90,11 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .runtime.objectives import BoundaryObjective, aggregate_losses, build_objective, get_objective, objective_names
+from .runtime.heads import BoundaryObjective, build_objective
+from .runtime.monitor import weighted_mean_of_finite
+from .runtime.objectives import get_objective, objective_names, sampling_problem
 from .options import LOSS_TYPES, TOKEN_SAMPLING, SimOptions
-from .analysis.shapes import _CHANNEL_FIRST_MODULES, _CHANNEL_LAST_MODULES
+from .analysis.layout import Layout, default_channel_dim, is_channel_axis, module_layout
 
 __all__ = [
     "init_proj",
@@ -139,7 +141,7 @@ class _BlockConfig:
     options: SimOptions | None
     in_width: int
     out_width: int
-    hints: tuple[str | None, str | None]
+    hints: tuple[Layout | None, Layout | None]
 
 
 # --- decorators ------------------------------------------------------------------
@@ -281,7 +283,7 @@ def _collect(blocks: list[nn.Module], module: nn.Module) -> Tensor:
         first = next(module.parameters(), None)
         return torch.zeros((), device=first.device if first is not None else None)
     # Each cached loss already carries its block's beta (as the reference's loss_sim does).
-    return aggregate_losses(losses, [1.0] * len(losses))
+    return weighted_mean_of_finite(losses, [1.0] * len(losses))
 
 
 # --- building and running one block's objective -------------------------------------
@@ -308,11 +310,6 @@ def _options(owner: str, sim_cfg: Mapping[str, Any] | None, settings: dict[str, 
             f"{owner}: token_sampling_type={s['token_sampling_type']!r} is not one of "
             f"{list(TOKEN_SAMPLING_TYPES)} (or simfx's {list(TOKEN_SAMPLING)})."
         )
-    if sampling == "topk_mean" and not get_objective(objective).uses_input:
-        raise ValueError(
-            f"{owner}: token_sampling_type={s['token_sampling_type']!r} ranks tokens by the block's input, "
-            f"which proj_type={s['proj_type']!r} does not read; use 'v0' (shared) or 'v1' (per_sample)."
-        )
     if s["loss_type"] not in LOSS_TYPES:
         raise ValueError(f"{owner}: loss_type={s['loss_type']!r} is not one of {list(LOSS_TYPES)}.")
     ratio = _ratio(owner, "token_sampling_ratio", s["token_sampling_ratio"], zero_ok=True)
@@ -324,6 +321,11 @@ def _options(owner: str, sim_cfg: Mapping[str, Any] | None, settings: dict[str, 
         )
     except (TypeError, ValueError) as error:
         raise type(error)(f"{owner}: init_proj sim_cfg: {error}") from None
+    if sampling_problem(options, get_objective(objective)):
+        raise ValueError(
+            f"{owner}: token_sampling_type={s['token_sampling_type']!r} ranks tokens by the block's input, "
+            f"which proj_type={s['proj_type']!r} does not read; use 'v0' (shared) or 'v1' (per_sample)."
+        )
     return options if ratio else None
 
 
@@ -355,8 +357,8 @@ def _attach(block: nn.Module, options: SimOptions | None, input_dim_name: Any, o
     block._modules.pop(SUBMODULE, None)
     # Reconstructors of decorated sub-blocks are Linear layers too, but not part of this block's layout.
     reconstructors = {id(m) for r in block.modules() if isinstance(r, BoundaryObjective) for m in r.modules()}
-    layers = [m for m in block.modules() if id(m) not in reconstructors and _layout(m)]
-    hints = (_layout(layers[0]), _layout(layers[-1])) if layers else (None, None)
+    layers = [m for m in block.modules() if id(m) not in reconstructors and module_layout(m)]
+    hints = (module_layout(layers[0]), module_layout(layers[-1])) if layers else (None, None)
     setattr(block, _CONFIG, _BlockConfig(owner, options, in_width, out_width, hints))
     setattr(block, _LOSS, None)
     if options is None:
@@ -389,14 +391,6 @@ def _width(block: nn.Module, name: Any, argument: str) -> int:
     return value
 
 
-def _layout(module: nn.Module) -> str | None:
-    if isinstance(module, _CHANNEL_FIRST_MODULES):
-        return "first"
-    if isinstance(module, _CHANNEL_LAST_MODULES + (nn.MultiheadAttention,)):
-        return "last"
-    return None
-
-
 def _block_loss(block: nn.Module, config: _BlockConfig, x: Any, y: Any) -> Tensor:
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise TypeError(
@@ -412,24 +406,24 @@ def _block_loss(block: nn.Module, config: _BlockConfig, x: Any, y: Any) -> Tenso
 
 
 def _channel_axis(
-    config: _BlockConfig, t: Tensor, width: int, hint: str | None, forced: int | None, side: str, argument: str
+    config: _BlockConfig, t: Tensor, width: int, hint: Layout | None, forced: int | None, side: str, argument: str
 ) -> int:
     """The axis of ``t`` holding the declared width (branches on shapes only, so it compiles)."""
     rank = t.dim()
     if rank >= 2 and forced is None:
-        expected = rank - 1 if hint == "last" or (hint is None and rank == 3) or rank == 2 else 1
+        expected = hint.axis(rank) if hint is not None else default_channel_dim(rank)
         if t.shape[expected] == width:
             return expected
         others = [a for a in range(1, rank) if a != expected and t.shape[a] == width]
         if len(others) == 1:
             return others[0]
-    elif rank >= 2 and -rank <= forced < rank and forced % rank != 0 and t.shape[forced] == width:
+    elif rank >= 2 and is_channel_axis(forced, rank) and t.shape[forced] == width:
         return forced % rank
     # Messages are built only here: formatting a shape under torch.compile would pin its sizes.
     where = f"{config.owner}: the block's {side} has shape {tuple(t.shape)}"
     if rank < 2:
         raise ValueError(f"{where}; SIM needs a batch axis and a channel axis.")
-    if forced is not None and not (-rank <= forced < rank and forced % rank != 0):
+    if forced is not None and not is_channel_axis(forced, rank):
         raise ValueError(f"{where}; sim_cfg channel_dim={forced} must name a non-batch axis in 1..{rank - 1}.")
     fit = f"axis {forced} has another size" if forced is not None else "no single axis fits"
     raise ValueError(

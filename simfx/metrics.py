@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .emit.rewrite import NAMESPACE
+from .runtime.module import NAMESPACE
 
 __all__ = ["WeightStd", "weight_std", "log_block_losses", "BlockLossMeter"]
 

@@ -15,7 +15,8 @@ import torchvision
 
 import simfx
 from conftest import assert_reconstructor_gradients
-from simfx.runtime.objectives import RhoSim, sim_loss_value
+from simfx.runtime.losses import sim_loss_value
+from simfx.runtime.objectives import RhoSim
 
 
 def test_every_reconstructor_parameter_of_resnet18_gets_a_gradient_under_bf16_autocast():

@@ -19,7 +19,7 @@ from conftest import ConvBlock, InlineResidualNet, TinyResNet
 def candidates(model, *inputs):
     traced = trace_model(model, ExampleInputs(inputs))
     shapes = propagate_shapes(traced.graph, traced.root, traced.inputs)
-    return {b.name: b for b in find_candidates(traced.graph, traced.root, shapes, traced.opaque)}
+    return {b.name: b for b in find_candidates(traced, shapes)}
 
 
 def test_module_scope_records(tiny_resnet):

@@ -21,6 +21,7 @@ from torch._dynamo.testing import CompileCounter
 
 import simfx
 from conftest import assert_reconstructor_gradients
+from simfx.analysis.layout import Layout
 from simfx.compat import LossSimTracker, compute_loss_sim, forward_with_sim_cache, init_proj
 from simfx.runtime.objectives import RhoSim, SelfModel
 
@@ -282,7 +283,7 @@ def test_nested_decorated_blocks_each_get_a_loss_and_keep_their_own_layout():
             return self.inner(x)
 
     stage = Stage()
-    assert stage._simfx_compat.hints == ("first", "first")  # not the inner reconstructors' Linear layers
+    assert stage._simfx_compat.hints == (Layout.CHANNELS_FIRST, Layout.CHANNELS_FIRST)  # not the inner reconstructors' Linear layers
     stage(torch.randn(2, 8, 4, 4))
     losses = [stage.loss_sim] + [b.loss_sim for b in stage.inner]
     torch.testing.assert_close(compute_loss_sim(stage), torch.stack(losses).mean())

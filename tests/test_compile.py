@@ -142,7 +142,7 @@ def test_inductor_sampled_losses_have_the_eager_mean():
 
 
 def test_autocast_bf16_on_cpu_keeps_loss_maths_in_float32(monkeypatch):
-    from simfx.runtime import objectives
+    from simfx.runtime import losses as objectives
 
     seen = []
     original = objectives.LOSS_FUNCTIONS["norm_mse"]

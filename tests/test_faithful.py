@@ -242,7 +242,7 @@ def test_checkpointing_inside_a_block_still_saves_only_what_the_model_saves():
     sim = simfx.transform(model, x, token_ratio=0.05)
     assert [b.name for b in sim.sim_blocks] == ["blocks.0", "blocks.1"]
     assert set(sim.simfx_info.calls) == {"blocks.0", "blocks.1"}
-    plain = torch.fx.GraphModule(sim, plain_graph(sim.graph))
+    plain = torch.fx.GraphModule(sim, plain_graph(sim))
     assert _saved_bytes(lambda: plain(x)) == _saved_bytes(lambda: model(x))  # inlined, it saved ~2.3x
 
     def heads():
@@ -290,7 +290,7 @@ def test_checkpointing_in_traced_code_keeps_that_module_as_one_call():
     sim = simfx.transform(model, x, frontend="fx")
     assert "torch.utils.checkpoint" in sim.simfx_info.opaque["encoder"]
     assert [b.name for b in sim.sim_blocks] == ["encoder"]  # its layers run inside its own call
-    plain = torch.fx.GraphModule(sim, plain_graph(sim.graph))
+    plain = torch.fx.GraphModule(sim, plain_graph(sim))
     assert _saved_bytes(lambda: plain(x)) == _saved_bytes(lambda: model(x))
 
 
@@ -410,7 +410,7 @@ def test_a_random_decision_with_no_tensor_input_is_drawn_every_step():
     sim = simfx.transform(model, x)
     assert "random" in sim.simfx_info.opaque["encoder"]
     assert [b.name for b in sim.sim_blocks] == ["pre.0", "pre.1", "encoder"]  # the encoder as one call
-    plain = torch.fx.GraphModule(sim, plain_graph(sim.graph))  # the training graph without SIM
+    plain = torch.fx.GraphModule(sim, plain_graph(sim))  # the training graph without SIM
     outputs = set()
     for seed in range(6):  # the model's own draw, every step: the model's outputs for each seed
         expected = _train_output(model, x, seed=seed)

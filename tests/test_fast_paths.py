@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simfx.runtime.objectives import _NormMSE, build_objective, norm_mse, norm_mse_reference
+from simfx.runtime.heads import build_objective
+from simfx.runtime.losses import _NormMSE, norm_mse, norm_mse_reference
 from simfx.options import SimOptions
 from simfx.analysis.shapes import propagate_shapes
 from simfx.runtime.tokens import input_tokens_on_output_grid, take_tokens, to_tokens

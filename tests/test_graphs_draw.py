@@ -32,7 +32,7 @@ def test_networkx_graph_has_every_node_with_attributes(sim):
     for node in sim.graph.nodes:
         attrs = g.nodes[node.name]
         assert attrs["op"] == node.op
-        assert attrs["inserted"] == bool(node.meta.get("simfx_inserted", False))
+        assert attrs["inserted"] == (node.name in sim.simfx_info.inserted)
         assert set(attrs) >= {"target", "shape", "boundary", "module", "scope", "order"}
         for source in node.all_input_nodes:
             assert g.has_edge(source.name, node.name)
@@ -49,7 +49,7 @@ def test_networkx_graph_has_every_node_with_attributes(sim):
 
 def test_diff_lists_exactly_the_inserted_nodes(sim):
     diff = simfx.graph_diff(sim)
-    inserted = [n.name for n in sim.graph.nodes if n.meta.get("simfx_inserted")]
+    inserted = [n.name for n in sim.graph.nodes if n.name in sim.simfx_info.inserted]
     assert list(diff.added_nodes) == inserted and len(inserted) == len(sim.sim_blocks) + 1
     assert diff.removed_edges == ()
     assert all(a in inserted or b in inserted for a, b in diff.added_edges)

@@ -31,7 +31,7 @@ from torch import nn
 import simfx
 from simfx import compat, model_spec
 from simfx.capture import fx_trace as trace
-from simfx.runtime import objectives
+from simfx.runtime import heads, objectives
 from simfx.options import SimOptions
 
 from conftest import ConvBlock, StopGradient, TinyResNet
@@ -261,18 +261,14 @@ def _register_twice():
 
 
 def _objective_factory_returns_a_non_module():
-    objectives.register_objective("simfx_test_not_a_module", lambda cin, cout, o: 3, overwrite=True)
-    try:
-        objectives.build_objective(SimOptions(objective="simfx_test_not_a_module"),
-                                   in_channel_dim=1, out_channel_dim=1, in_width=4, out_width=4)
-    finally:
-        objectives._REGISTRY.pop("simfx_test_not_a_module", None)
+    with objectives.OBJECTIVES.registered("simfx_test_not_a_module", lambda cin, cout, o: 3):
+        heads.build_objective(SimOptions(objective="simfx_test_not_a_module"),
+                              in_channel_dim=1, out_channel_dim=1, in_width=4, out_width=4)
 
 
-def _topk_without_input_at_runtime():
-    head = objectives.build_objective(SimOptions(objective="self_model", token_sampling="topk_mean"),
-                                      in_channel_dim=1, out_channel_dim=1, in_width=4, out_width=4)
-    head(torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6))
+def _topk_for_an_objective_without_input():
+    heads.build_objective(SimOptions(objective="self_model", token_sampling="topk_mean"),
+                          in_channel_dim=1, out_channel_dim=1, in_width=4, out_width=4)
 
 
 def _without_module(name, call):
@@ -389,7 +385,9 @@ MESSAGES = {
     'blocks= takes a selector or a list': (lambda: simfx.transform(TinyResNet(), X, blocks=3), TypeError, r"blocks= takes a selector or a list of selectors, got int"),
     'overrides blocks.0 must be a dict of': (lambda: simfx.transform(TinyResNet(), X, overrides={"blocks.0": 0.5}), TypeError, r"overrides\['blocks\.0'\] must be a dict of SIM options, e\.g\. \{'token_ratio': 0\.5\}"),
     'TinyResNet cannot run on the example inputs': (lambda: simfx.transform(TinyResNet(), torch.randn(2, 4, 8, 8)), simfx.ExampleInputsError, r"TinyResNet cannot run on the example inputs \(\(2, 4, 8, 8\).*at node 'stem'.*Pass example_inputs shaped like"),
-    'token_sampling=topk_mean ranks tokens by the block input': (_topk_without_input_at_runtime, ValueError, r"token_sampling='topk_mean' ranks tokens by the block input.*choose 'shared' or 'per_sample'"),
+    'topk_mean for an objective that never reads the input': (_topk_for_an_objective_without_input, ValueError, r"token_sampling='topk_mean' ranks tokens by the block's input, which objective 'self_model' does not read \(uses_input=False\); use token_sampling='shared' or 'per_sample'"),
+    'unregister an objective that is not registered': (lambda: objectives.OBJECTIVES.unregister("nope"), ValueError, r"no objective 'nope' is registered; registered objectives are \["),
+    'unregister a leaf module that is not registered': (lambda: simfx.LEAF_MODULES.unregister(nn.ReLU), ValueError, r"ReLU.* is not a registered leaf module"),
     'register_leaf_module expects an nn.Module subclass got': (lambda: simfx.register_leaf_module(3), TypeError, r"register_leaf_module expects an nn\.Module subclass, got 3"),
     'register_autowrap_function expects a function got': (lambda: simfx.register_autowrap_function(3), TypeError, r"register_autowrap_function expects a function, got 3"),
     'simfx expects a torch.nn.Module got str': (lambda: simfx.transform("resnet", X), TypeError, r"simfx expects a torch\.nn\.Module, got str"),

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_reconstructor_gradients
-from simfx.runtime.objectives import aggregate_losses, build_objective, get_objective, register_objective, objective_names
+from simfx.runtime.heads import build_objective
+from simfx.runtime.monitor import weighted_mean_of_finite as aggregate_losses
+from simfx.runtime.objectives import get_objective, register_objective, objective_names
 from simfx.options import SimOptions
 
 LOSSES = ["norm_mse", "mse", "cos", "smooth_l1", "kl"]

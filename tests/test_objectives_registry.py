@@ -14,15 +14,17 @@ from torch._dynamo.testing import CompileCounter
 import simfx
 import simfx.runtime.objectives as objectives
 from conftest import TinyResNet
-from simfx.runtime.objectives import build_objective
+from simfx.runtime.heads import build_objective
 from simfx.options import SimOptions
 
 
 @pytest.fixture
 def registry(monkeypatch):
-    """A private copy of the objective registry, so registrations do not leak between tests."""
-    monkeypatch.setattr(objectives, "_REGISTRY", dict(objectives._REGISTRY))
-    return objectives._REGISTRY
+    """The objective registry as it was before the test, restored after (registrations do not leak)."""
+    saved = dict(objectives.OBJECTIVES._specs)
+    yield objectives.OBJECTIVES
+    objectives.OBJECTIVES._specs.clear()
+    objectives.OBJECTIVES._specs.update(saved)
 
 
 def conv_head(objective, channels=6, **options):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import simfx
-from simfx.runtime.objectives import norm_mse
+from simfx.runtime.losses import norm_mse
 
 from conftest import TinyResNet
 

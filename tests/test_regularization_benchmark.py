@@ -12,6 +12,7 @@ import torch
 from conftest import loaded_script
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "regularization.py"
+SEEDSTATS = BENCH.with_name("seedstats.py")
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +21,18 @@ def reg():
         yield module
 
 
+@pytest.fixture(scope="module")
+def stats():
+    with loaded_script(SEEDSTATS, "seedstats_for_regularization") as module:
+        yield module
+
+
 def _run(arm, seed, acc, wstd, probe=None):
     return {"dataset": "d", "arm": arm, "seed": seed, "test_acc": acc, "train_acc": 1.0, "weight_std": wstd,
             "reg_loss": None if arm == "baseline" else 1.0, "probe_sim_loss": probe, "beta": None, "seconds": 1.0}
 
 
-def test_summary_pairs_arms_with_the_baseline_of_the_same_seed(reg):
+def test_summary_pairs_arms_with_the_baseline_of_the_same_seed(reg, stats):
     results = [
         _run("baseline", 0, 0.90, 0.10), _run("baseline", 1, 0.80, 0.20), _run("baseline", 2, 0.70, 0.10),
         _run("x", 0, 0.92, 0.09), _run("x", 1, 0.83, 0.18), _run("x", 2, 0.71, 0.09),
@@ -37,8 +44,8 @@ def test_summary_pairs_arms_with_the_baseline_of_the_same_seed(reg):
     # (scipy's, or the 3-digit table without scipy: the pairing is tested, not the digits).
     mean, half = x["delta"]["test_acc"]
     assert mean == pytest.approx(0.02)
-    assert half == pytest.approx(reg._t95(3) * 0.01 / math.sqrt(3), rel=1e-12)
-    assert reg._t95(3) == pytest.approx(4.302652729911275, abs=5e-4)
+    assert half == pytest.approx(stats.t95(3) * 0.01 / math.sqrt(3), rel=1e-12)
+    assert stats.t95(3) == pytest.approx(4.302652729911275, abs=5e-4)
     # Weight std relative change: -10% for every seed, so the interval has no width.
     mean, half = x["delta"]["weight_std"]
     assert mean == pytest.approx(-0.1) and half == pytest.approx(0.0, abs=1e-12)

@@ -71,9 +71,10 @@ def test_leaf_module_by_qualified_name_and_registry():
         traced = trace_model(UsesDataDependentBlock())
         assert "block" in traced.opaque
     finally:
-        from simfx.capture import fx_trace as trace
-
-        trace._LEAF_MODULES.discard(DataDependentBlock)
+        simfx.LEAF_MODULES.unregister(DataDependentBlock)
+    with simfx.LEAF_MODULES.registered(DataDependentBlock):
+        assert "block" in trace_model(UsesDataDependentBlock()).opaque
+    assert DataDependentBlock not in simfx.LEAF_MODULES
     with pytest.raises(ValueError, match=r"leaf_modules names \['nope'\] are not submodules"):
         trace_model(model, leaf_modules=["nope"])
 

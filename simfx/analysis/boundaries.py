@@ -29,10 +29,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .shapes import GraphShapes, TensorMeta, _weight_layer_channel_dim, op_name
-from ..capture.fx_trace import GRAD_KEY, OUTPUT_CONTAINER_KEY, SCOPE_KEY, ScopeFrame, fetch_attr, weight_layers
+from .layout import (
+    axis_before, default_channel_dim, is_layout_op, layout_name, op_name, token_count, weight_layer_layout,
+)
+from .shapes import GraphShapes, TensorMeta
+from ..capture.module_facts import weight_layers
+from ..capture.record import ScopeFrame, TracedModel
+from ..fx_utils import fetch_attr
 
-__all__ = ["Boundary", "Port", "find_candidates", "layout_name", "token_count"]
+__all__ = ["Boundary", "Port", "find_candidates"]
 
 
 @dataclass(frozen=True)
@@ -128,30 +133,6 @@ class Boundary:
         return token_count(self.out_meta, self.out_channel_dim)
 
 
-def layout_name(meta: TensorMeta | None, channel_dim: int | None) -> str:
-    if meta is None or channel_dim is None:
-        return "?"
-    rank = meta.rank
-    if rank == 2:
-        return "BC"
-    named = {3: {2: "BNC", 1: "BCN"}, 4: {1: "NCHW", 3: "NHWC"}, 5: {1: "NCDHW", 4: "NDHWC"}}
-    return named.get(rank, {}).get(channel_dim, f"rank{rank}/C@{channel_dim}")
-
-
-def token_count(meta: TensorMeta | None, channel_dim: int | None) -> int | None:
-    """Tokens per sample once the value is read as ``(B, N, C)``; a ``(B, C)`` value is B tokens."""
-    if meta is None or channel_dim is None:
-        return None
-    if meta.rank == 2:
-        return meta.shape[0]
-    return math.prod(s for i, s in enumerate(meta.shape) if i not in (0, channel_dim))
-
-
-def default_channel_dim(rank: int) -> int:
-    """(B, C) and conv maps keep channels at axis 1; (B, N, C) keeps them last."""
-    return 2 if rank == 3 else 1
-
-
 # --- graph facts ------------------------------------------------------------
 
 
@@ -164,16 +145,18 @@ _SHAPE_QUERIES = frozenset({"size", "dim", "numel", "getattr", "sym_size", "sym_
 class _GraphFacts:
     """Indexes a traced graph once: order, activations, shapes, dominator trees."""
 
-    def __init__(self, graph: fx.Graph, root: nn.Module, shapes: GraphShapes):
+    def __init__(self, traced: TracedModel, shapes: GraphShapes):
+        graph = traced.graph
+        self.traced = traced
         self.graph = graph
-        self.root = root
+        self.root = traced.root
         self.shapes = shapes
         self.metas = shapes.metas
         self.nodes = list(graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.by_name = {n.name: n for n in self.nodes}
         self.output = next(n for n in reversed(self.nodes) if n.op == "output")
-        self.output_values = _returned_values(self.output)
+        self.output_values = _returned_values(self.output, traced.output_containers)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         # Nodes the output depends on. The rest are side effects (an exported graph's
         # BatchNorm running-statistic updates) and never count as a value leaving a region.
@@ -199,6 +182,10 @@ class _GraphFacts:
 
     def _is_shape_query(self, node: fx.Node) -> bool:
         return node.name not in self.metas and op_name(node.target) in _SHAPE_QUERIES
+
+    def scope(self, node: fx.Node) -> tuple[ScopeFrame, ...]:
+        """The module calls ``node`` was recorded inside (outermost first)."""
+        return self.traced.scope(node)
 
     def tensor_meta(self, node: fx.Node) -> TensorMeta | None:
         meta = self.metas.get(node.name)
@@ -252,13 +239,13 @@ class _GraphFacts:
             if module is None or _is_norm(module):
                 return False
             return any(p.dim() >= 2 for p in module.parameters())
-        return _weight_layer_channel_dim(node, self.root) is not None and not _is_norm_function(node)
+        return weight_layer_layout(node, self.root) is not None and not _is_norm_function(node)
 
 
 _SOURCE = "__simfx_source__"
 
 
-def _returned_values(output: fx.Node) -> set[fx.Node]:
+def _returned_values(output: fx.Node, containers: frozenset[str]) -> set[fx.Node]:
     """The values the model returns, looking through output containers rebuilt in the graph.
 
     A dict subclass (``ModelOutput``) or export's output rebuilder is a node of its
@@ -269,7 +256,7 @@ def _returned_values(output: fx.Node) -> set[fx.Node]:
     while pending:
         node = pending.pop()
         returned.add(node)
-        if node.meta.get(OUTPUT_CONTAINER_KEY):
+        if node.name in containers:
             pending.extend(a for a in node.all_input_nodes if a not in returned)
     return returned
 
@@ -349,19 +336,14 @@ class _Region:
     outputs: list[fx.Node] = field(default_factory=list)  # every tensor leaving, the exit among them
 
 
-def find_candidates(
-    graph: fx.Graph,
-    root: nn.Module,
-    shapes: GraphShapes,
-    opaque: Mapping[str, str] | None = None,
-) -> list[Boundary]:
-    """Every module-scope and residual-region candidate of ``graph``, in graph order."""
-    facts = _GraphFacts(graph, root, shapes)
-    opaque = opaque or {}
+def find_candidates(traced: TracedModel, shapes: GraphShapes) -> list[Boundary]:
+    """Every module-scope and residual-region candidate of the captured graph, in graph order."""
+    facts = _GraphFacts(traced, shapes)
+    opaque = traced.opaque
 
     frames: dict[ScopeFrame, list[fx.Node]] = {}
     for node in facts.nodes:
-        for frame in node.meta.get(SCOPE_KEY, ()):
+        for frame in facts.scope(node):
             frames.setdefault(frame, []).append(node)
     frame_regions = {frame: _analyse_region(nodes, facts) for frame, nodes in frames.items() if frame.name}
 
@@ -424,17 +406,17 @@ def _residual_name(region: _Region, enclosing: ScopeFrame | None, facts: _GraphF
     export and across torch versions (``layers.0.mlp.residual`` for
     ``x = x + self.mlp(self.norm(x))`` in ``layers.0``).
     """
-    enclosing_stack = _stack_to(region.exit, enclosing)
+    enclosing_stack = _stack_to(facts.scope(region.exit), enclosing)
     depth = len(enclosing_stack)
     weights: dict[ScopeFrame, int] = {}
     for node in region.nodes:
-        stack = node.meta.get(SCOPE_KEY, ())
+        stack = facts.scope(node)
         if len(stack) > depth and stack[:depth] == enclosing_stack and facts.is_matrix_layer(node):
             weights[stack[depth]] = weights.get(stack[depth], 0) + 1
     prefix = f"{enclosing.key}." if enclosing is not None else ""
     taken = {name for name, _ in named}
     if weights:
-        branch = max(weights, key=lambda f: (weights[f], -facts.order[_first_node(f, region)]))
+        branch = max(weights, key=lambda f: (weights[f], -facts.order[_first_node(f, region, facts)]))
         stem, k, name = f"{branch.key}.residual", 1, f"{branch.key}.residual"
     else:
         stem, k, name = f"{prefix}residual", 1, f"{prefix}residual1"
@@ -444,15 +426,14 @@ def _residual_name(region: _Region, enclosing: ScopeFrame | None, facts: _GraphF
     return name
 
 
-def _stack_to(node: fx.Node, frame: ScopeFrame | None) -> tuple:
-    stack = node.meta.get(SCOPE_KEY, ())
+def _stack_to(stack: tuple[ScopeFrame, ...], frame: ScopeFrame | None) -> tuple:
     if frame is None:
         return ()
     return stack[: stack.index(frame) + 1] if frame in stack else ()
 
 
-def _first_node(frame: ScopeFrame, region: _Region) -> fx.Node:
-    return next(n for n in region.nodes if frame in n.meta.get(SCOPE_KEY, ()))
+def _first_node(frame: ScopeFrame, region: _Region, facts: _GraphFacts) -> fx.Node:
+    return next(n for n in region.nodes if frame in facts.scope(n))
 
 
 def _analyse_region(nodes: list[fx.Node], facts: _GraphFacts) -> _Region:
@@ -576,12 +557,12 @@ def _residual_region(add: fx.Node, facts: _GraphFacts):
 
 def _owner(add, region, frames, frame_regions, facts):
     """(innermost scope owning the residual add, innermost scope enclosing it)."""
-    stack = add.meta.get(SCOPE_KEY, ())
+    stack = facts.scope(add)
     members = [n for n in region.nodes if n in facts.activation]
     for frame in reversed(stack):
         if not frame.name:
             continue
-        if all(frame in n.meta.get(SCOPE_KEY, ()) for n in members):
+        if all(frame in facts.scope(n) for n in members):
             scope = frame_regions[frame]
             if not scope.reason and _exit_follows(scope.exit, add, facts):
                 return frame, frame
@@ -659,7 +640,7 @@ def _residual_from_entry(region: _Region, add: fx.Node, frame: ScopeFrame, facts
         return False
     ancestors = nx.ancestors(graph, add)
     branch = [n for n in ancestors if n is not split and _dominated(n, split, idom)]
-    stacks = [n.meta.get(SCOPE_KEY, ()) for n in (*branch, add)]
+    stacks = [facts.scope(n) for n in (*branch, add)]
     if not all(frame in stack for stack in stacks):
         return False
     depth = stacks[0].index(frame)
@@ -709,7 +690,7 @@ def _make_boundary(*, name, kind, module_type, region: _Region, facts: _GraphFac
         )
     if not reason:
         reason = _input_changed_in_place(region, facts)
-    if not reason and exit_.meta.get(GRAD_KEY, True) is False:
+    if not reason and exit_.name in facts.traced.no_grad:
         reason = "runs under torch.no_grad() in the model's forward, so SIM could not train it"
     return Boundary(
         name=name,
@@ -779,12 +760,12 @@ def _shape_problem(in_meta: TensorMeta, out_meta: TensorMeta, batch: int | None)
 def _input_channel_dim(region: _Region, entry: fx.Node, in_meta: TensorMeta, facts: _GraphFacts) -> int:
     """From the first weight layer of the block, checked against its expected width."""
     for node in region.nodes:
-        kind = _weight_layer_channel_dim(node, facts.root)
-        if kind is None:
+        layout = weight_layer_layout(node, facts.root)
+        if layout is None:
             continue
-        axis = _entry_axis_of_layer(node, kind, entry, facts)
+        axis = _entry_axis_of_layer(node, layout, entry, facts)
         if axis is None:
-            axis = 1 if kind == "first" else in_meta.rank - 1
+            axis = layout.axis(in_meta.rank)
         width = _expected_width(node, facts)
         if width is None or in_meta.shape[axis] == width:
             return axis
@@ -794,7 +775,7 @@ def _input_channel_dim(region: _Region, entry: fx.Node, in_meta: TensorMeta, fac
     return default_channel_dim(in_meta.rank)
 
 
-def _entry_axis_of_layer(layer: fx.Node, kind: str, entry: fx.Node, facts: _GraphFacts) -> int | None:
+def _entry_axis_of_layer(layer: fx.Node, layout, entry: fx.Node, facts: _GraphFacts) -> int | None:
     """The entry's axis that reaches ``layer`` as its channel axis, through the layout ops between them.
 
     A block that permutes its input before the first weight layer (Swin-style
@@ -806,7 +787,7 @@ def _entry_axis_of_layer(layer: fx.Node, kind: str, entry: fx.Node, facts: _Grap
     meta = facts.tensor_meta(inputs[0]) if inputs else None
     if meta is None:
         return None
-    node, axis = inputs[0], 1 if kind == "first" else meta.rank - 1
+    node, axis = inputs[0], layout.axis(meta.rank)
     for _ in range(8):
         if node is entry:
             return axis
@@ -815,33 +796,14 @@ def _entry_axis_of_layer(layer: fx.Node, kind: str, entry: fx.Node, facts: _Grap
         after = facts.tensor_meta(node)
         if before is None or after is None:
             return None
-        if op_name(node.target) in ("permute", "transpose", "swapaxes", "swapdims", "movedim"):
-            axis = _axis_before_layout_op(node, axis, before.rank)
+        if is_layout_op(node):
+            axis = axis_before(node, axis, before.rank)
         elif before.shape != after.shape:
             return None  # a reshape or a reduction: the axis is not traced further
         if axis is None:
             return None
         node = sources[0]
     return None
-
-
-def _axis_before_layout_op(node: fx.Node, axis: int, rank: int) -> int | None:
-    """The input axis a permute/transpose/movedim moves to output ``axis`` (None if its dims are not ints)."""
-    name, rest = op_name(node.target), node.args[1:]
-    if name == "permute":
-        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-        dims = node.kwargs.get("dims", dims)
-        if len(dims) != rank or not all(isinstance(d, int) for d in dims):
-            return None
-        return dims[axis] % rank
-    if len(rest) < 2 or not all(isinstance(d, int) for d in rest[:2]):
-        return None
-    a, b = (d % rank for d in rest[:2])
-    if name == "movedim":
-        order = list(range(rank))
-        order.insert(b, order.pop(a))
-        return order[axis]
-    return b if axis == a else a if axis == b else axis
 
 
 def _expected_width(node: fx.Node, facts: _GraphFacts) -> int | None:

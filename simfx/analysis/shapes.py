@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import copy
 import logging
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.interpreter import Interpreter
 
 from ..errors import ExampleInputsError
-from ..capture.fx_trace import hooks_suppressed, preserved_module_state
+from ..capture.module_facts import hooks_suppressed, preserved_module_state
+from .layout import UNKNOWN, axis_after, op_name, weight_layer_layout
 
 __all__ = ["TensorMeta", "GraphShapes", "propagate_shapes"]
 
@@ -291,26 +290,7 @@ def _real_run(graph, root, example_inputs):
         return runner(*example_inputs)
 
 
-# --- channel axis inference -------------------------------------------------
-
-_CHANNEL_FIRST_MODULES: tuple[type, ...] = (
-    nn.modules.conv._ConvNd,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-)
-_CHANNEL_LAST_MODULES: tuple[type, ...] = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Bilinear) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-)
-_CHANNEL_FIRST_FUNCTIONS = {
-    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-    F.batch_norm, F.group_norm, F.instance_norm, torch.conv1d, torch.conv2d, torch.conv3d,
-    torch.batch_norm, torch.group_norm,
-}
-_CHANNEL_LAST_FUNCTIONS = {F.linear, F.layer_norm, torch.layer_norm, torch._C._nn.linear} | (
-    {F.rms_norm} if hasattr(F, "rms_norm") else set()
-)
+# --- channel axis inference (the rules live in simfx.analysis.layout) --------------
 
 
 def _describe(result: Any, node: fx.Node, metas: Mapping[str, Any], root: nn.Module):
@@ -335,110 +315,17 @@ def _channel_dim(node: fx.Node, shape: tuple[int, ...], metas, root) -> int | No
     rank = len(shape)
     if rank < 2:
         return None
-    fixed = _weight_layer_channel_dim(node, root) or _tuple_source_kind(node, root)
-    if fixed == "first":
-        return 1
-    if fixed == "last":
-        return rank - 1
+    fixed = weight_layer_layout(node, root, element_zero=True)
+    if fixed is not None:
+        return fixed.axis(rank)
     args = [a for a in node.args if isinstance(a, fx.Node)]
     first = metas.get(args[0].name) if args else None
     if not isinstance(first, TensorMeta) or first.channel_dim is None:
         return _inherit_same_shape(node, shape, metas)
-    moved = _moved_channel_dim(node, first, shape)
-    if moved is not _UNKNOWN:
+    moved = axis_after(node, first.channel_dim, first.shape, shape)
+    if moved is not UNKNOWN:
         return moved
     return _inherit_same_shape(node, shape, metas)
-
-
-# ATen operator names (export graphs), by overload packet.
-_CHANNEL_FIRST_ATEN = {
-    "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-    "batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
-    "_native_batch_norm_legit_no_training", "group_norm", "native_group_norm", "instance_norm",
-}
-_CHANNEL_LAST_ATEN = {"linear", "layer_norm", "native_layer_norm", "rms_norm", "embedding"}
-
-
-def op_name(target) -> str | None:
-    """``"permute"`` for ``aten.permute.default``, ``Tensor.permute`` or ``torch.permute``."""
-    if isinstance(target, str):
-        return target
-    packet = getattr(target, "overloadpacket", None)
-    if packet is not None:
-        return packet.__name__
-    return getattr(target, "__name__", None)
-
-
-def _weight_layer_channel_dim(node: fx.Node, root: nn.Module) -> str | None:
-    if node.op == "call_module":
-        module = root.get_submodule(node.target)
-        if isinstance(module, _CHANNEL_FIRST_MODULES):
-            return "first"
-        if isinstance(module, _CHANNEL_LAST_MODULES):
-            return "last"
-        if isinstance(module, nn.MultiheadAttention):
-            return "last"
-    elif node.op == "call_function":
-        if node.target in _CHANNEL_FIRST_FUNCTIONS:
-            return "first"
-        if node.target in _CHANNEL_LAST_FUNCTIONS:
-            return "last"
-        if isinstance(node.target, torch._ops.OpOverload):
-            name = op_name(node.target)
-            if name in _CHANNEL_FIRST_ATEN:
-                return "first"
-            if name in _CHANNEL_LAST_ATEN:
-                return "last"
-    return None
-
-
-def _tuple_source_kind(node: fx.Node, root: nn.Module) -> str | None:
-    """Element 0 of a weight layer returning a tuple (ATen's native norms) has that layer's axis."""
-    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
-        source = node.args[0]
-        if isinstance(source, fx.Node):
-            return _weight_layer_channel_dim(source, root)
-    return None
-
-
-_UNKNOWN = object()
-
-
-def _moved_channel_dim(node: fx.Node, source: TensorMeta, shape: tuple[int, ...]):
-    """Channel axis after a layout op on a tensor whose axis is known; _UNKNOWN if not a layout op."""
-    name = op_name(node.target)
-    if node.op not in ("call_method", "call_function") or name is None:
-        return _UNKNOWN
-    c, in_rank, out_rank = source.channel_dim, source.rank, len(shape)
-    rest = node.args[1:]
-    if name == "permute":
-        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-        dims = node.kwargs.get("dims", dims)
-        dims = [d % in_rank for d in dims if isinstance(d, int)]
-        return dims.index(c) if c in dims else None
-    if name in ("transpose", "swapaxes", "swapdims", "t"):
-        if name == "t":
-            rest = (0, 1)
-        if len(rest) >= 2 and all(isinstance(d, int) for d in rest[:2]):
-            a, b = (d % in_rank for d in rest[:2])
-            return b if c == a else a if c == b else c
-        return None
-    if name == "movedim":
-        if len(rest) >= 2 and all(isinstance(d, int) for d in rest[:2]):
-            order = list(range(in_rank))
-            src, dst = (d % in_rank for d in rest[:2])
-            order.insert(dst, order.pop(src))
-            return order.index(c)
-        return None
-    if name in ("flatten", "reshape", "view", "_unsafe_view", "contiguous", "unflatten", "squeeze", "unsqueeze"):
-        # Keep the axis when it survives as "the last one" or as "axis 1" with the
-        # same size; anything else is a genuine relayout we do not guess at.
-        if c == in_rank - 1 and shape[-1] == source.shape[-1]:
-            return out_rank - 1
-        if c == 1 and out_rank >= 2 and shape[1] == source.shape[1]:
-            return 1
-        return None
-    return _UNKNOWN
 
 
 def _inherit_same_shape(node: fx.Node, shape: tuple[int, ...], metas) -> int | None:

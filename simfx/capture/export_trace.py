@@ -44,7 +44,9 @@ from torch.utils import _pytree as pytree
 from ..errors import FaithfulnessError, TraceError
 from .inputs import CallTemplate, ExampleInputs, bound_forward_class
 from .recorders import TraceRecorder, frame_location, user_frame
-from .fx_trace import GRAD_KEY, OUTPUT_CONTAINER_KEY, SCOPE_KEY, TracedModel, fetch_attr, has_hooks, hooks_suppressed, preserved_module_state, scope_from_module_stack
+from ..fx_utils import fetch_attr
+from .module_facts import has_hooks, hooks_suppressed, preserved_module_state
+from .record import TracedModel, frames_from_module_stack
 
 __all__ = ["export_model"]
 
@@ -97,13 +99,16 @@ def export_model(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
         )
     root.training = model.training
     constants: list[str] = []
-    graph = _rooted_graph(program, root, model, "train", constants)
+    graph, container = _rooted_graph(program, root, model, "train", constants)
     placeholders = tuple(n.name for n in graph.nodes if n.op == "placeholder")
     return TracedModel(
         root=root,
         model=model,
         graph=graph,
         call=template or CallTemplate.plain(placeholders),
+        scopes={node.name: frames_from_module_stack(root, node) for node in graph.nodes},
+        no_grad=_grad_modes_of_the_caller(graph),
+        output_containers=frozenset({container} - {None}),
         constants=tuple(constants),
         inputs=tuple(args),
         frontend="export",
@@ -187,16 +192,18 @@ def _batch_dynamic_shapes(args: tuple):
     return tuple({0: auto} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
 
 
-def _rooted_graph(gm: fx.GraphModule, root: nn.Module, model: nn.Module, mode: str, constants: list[str]) -> fx.Graph:
-    """``gm``'s graph with plain codegen, reading attributes from ``root`` (the user's modules)."""
+def _rooted_graph(gm: fx.GraphModule, root: nn.Module, model: nn.Module, mode: str,
+                  constants: list[str]) -> tuple[fx.Graph, str | None]:
+    """``gm``'s graph with plain codegen, reading attributes from ``root`` (the user's modules).
+
+    Also returns the name of the node that rebuilds the output container, if any.
+    """
     graph = fx.Graph()
     values: dict[fx.Node, fx.Node] = {}
     flat_outputs = graph.graph_copy(gm.graph, values)
     spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "out_spec", None)
 
-    _stamp_grad_modes(graph)
     for node in list(graph.nodes):
-        node.meta[SCOPE_KEY] = scope_from_module_stack(root, node)
         if node.op not in ("get_attr", "call_module"):
             continue
         if node.op == "call_module" and not node.users and not _resolves(model, node.target):
@@ -213,6 +220,7 @@ def _rooted_graph(gm: fx.GraphModule, root: nn.Module, model: nn.Module, mode: s
         node.target = name
 
     outputs = list(flat_outputs) if isinstance(flat_outputs, (tuple, list)) else [flat_outputs]
+    container = None
     if spec is None or spec.is_leaf():
         result = outputs[0] if spec is not None else flat_outputs
     elif spec.type in (tuple, list) and all(child.is_leaf() for child in _children(spec)):
@@ -222,21 +230,21 @@ def _rooted_graph(gm: fx.GraphModule, root: nn.Module, model: nn.Module, mode: s
         setattr(root, name, OutputStructure(spec))
         constants.append(name)
         result = graph.call_module(name, tuple(outputs))
-        result.meta[OUTPUT_CONTAINER_KEY] = True
+        container = result.name
     graph.output(result)
     graph.lint()
-    return graph
+    return graph, container
 
 
-def _stamp_grad_modes(graph: fx.Graph) -> None:
-    """Grad-mode switches restore the caller's mode; every node is stamped with the mode it runs under.
+def _grad_modes_of_the_caller(graph: fx.Graph) -> frozenset[str]:
+    """Grad-mode switches restore the caller's mode (in place); the names of the nodes run without gradients.
 
     Export records ``no_grad`` regions either as ``_set_grad_enabled`` calls in line
     (torch 2.5), whose closing call hard-codes the mode export ran under (enabled),
     or as one ``wrap_with_set_grad_enabled`` call per region. The closing calls
-    here switch back to the mode the caller had on entry instead, and
-    ``node.meta["simfx_grad_enabled"]`` says, as the fx frontend does, which nodes
-    run without gradients (the boundaries stage keeps blocks there out of SIM).
+    here switch back to the mode the caller had on entry instead; the nodes that
+    run without gradients are returned, as the fx frontend records them (the
+    boundaries stage keeps blocks there out of SIM).
     """
     wrap = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
     switches = [n for n in graph.nodes if n.op == "call_function" and n.target is torch._C._set_grad_enabled]
@@ -247,17 +255,20 @@ def _stamp_grad_modes(graph: fx.Graph) -> None:
         for node in switches:
             if node.args and node.args[0] is True:
                 node.args = (caller_mode,)
-    enabled = True
+    enabled, no_grad = True, set()
     for node in graph.nodes:
         if node in switches and node.args:
             enabled = node.args[0] is not False
         source = node.args[0] if node.target is operator.getitem and node.args else None
         if wrap is not None and node.target is wrap and isinstance(node.args[0], bool):
-            node.meta[GRAD_KEY] = node.args[0]
-        elif isinstance(source, fx.Node) and wrap is not None and source.target is wrap and GRAD_KEY in source.meta:
-            node.meta[GRAD_KEY] = source.meta[GRAD_KEY]
+            off = node.args[0] is False
+        elif isinstance(source, fx.Node) and wrap is not None and source.target is wrap:
+            off = source.name in no_grad
         else:
-            node.meta[GRAD_KEY] = enabled
+            off = not enabled
+        if off:
+            no_grad.add(node.name)
+    return frozenset(no_grad)
 
 
 def _children(spec):

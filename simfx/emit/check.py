@@ -34,7 +34,8 @@ from torch.utils import _pytree as pytree
 from ..errors import FaithfulnessError
 from ..runtime.module import SimGraphModule
 from .rewrite import plain_graph
-from ..capture.fx_trace import TracedModel, hooks_suppressed, preserved_module_state
+from ..capture.module_facts import hooks_suppressed, preserved_module_state
+from ..capture.record import TracedModel
 
 __all__ = ["check_training_graph"]
 
@@ -49,7 +50,7 @@ def check_training_graph(sim: SimGraphModule, traced: TracedModel) -> str:
     tensors = [*model.parameters(), *model.buffers(), *(t for t in traced.inputs if isinstance(t, torch.Tensor))]
     if any(t.is_meta for t in tensors):
         return "skipped: the model or the example inputs are on the meta device"
-    graph_module = fx.GraphModule(sim, plain_graph(sim.graph))
+    graph_module = fx.GraphModule(sim, plain_graph(sim))
     args, kwargs = traced.call.model_call(tuple(traced.inputs))
     parameters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     with _restored(model) as reset:

@@ -19,19 +19,25 @@ from typing import Iterable, Mapping
 
 import torch.fx as fx
 
-from ..capture.fx_trace import GRAD_KEY, SCOPE_KEY, ModuleCall, ScopeFrame
+from ..capture.record import ModuleCall, ScopeFrame
 
 __all__ = ["collapse_calls"]
 
 
 def collapse_calls(
-    graph: fx.Graph, calls: Mapping[ScopeFrame, ModuleCall], frames: Iterable[ScopeFrame]
+    graph: fx.Graph,
+    calls: Mapping[ScopeFrame, ModuleCall],
+    frames: Iterable[ScopeFrame],
+    scopes: dict[str, tuple[ScopeFrame, ...]],
+    no_grad: set[str],
 ) -> tuple[dict[str, str], dict[ScopeFrame, tuple[str, ...]]]:
     """Replace each frame's traced nodes in ``graph`` (in place) by one call of its module.
 
-    Returns the new names of the values the calls returned (old name -> new name;
-    nodes outside the calls keep their names) and, per collapsed frame, the names
-    of the nodes that now stand for it (the call, then its ``getitem`` nodes).
+    ``scopes`` and ``no_grad`` (the capture record's facts about the nodes, by
+    name) are updated for the nodes added. Returns the new names of the values the
+    calls returned (old name -> new name; nodes outside the calls keep their
+    names) and, per collapsed frame, the names of the nodes that now stand for it
+    (the call, then its ``getitem`` nodes).
     """
     renamed: dict[str, str] = {}
     collapsed: dict[ScopeFrame, tuple[str, ...]] = {}
@@ -39,7 +45,7 @@ def collapse_calls(
         call = calls.get(frame)
         if call is None:
             continue
-        result = _collapse(graph, call, renamed)
+        result = _collapse(graph, call, renamed, scopes, no_grad)
         if result is not None:
             mapping, new_nodes = result
             renamed.update(mapping)
@@ -47,9 +53,9 @@ def collapse_calls(
     return renamed, collapsed
 
 
-def _collapse(graph: fx.Graph, call: ModuleCall, renamed: Mapping[str, str]):
+def _collapse(graph: fx.Graph, call: ModuleCall, renamed: Mapping[str, str], scopes, no_grad):
     frame = call.frame
-    nodes = [n for n in graph.nodes if frame in n.meta.get(SCOPE_KEY, ())]
+    nodes = [n for n in graph.nodes if frame in scopes.get(n.name, ())]
     if not nodes:
         return None
     inside = set(nodes)
@@ -65,14 +71,17 @@ def _collapse(graph: fx.Graph, call: ModuleCall, renamed: Mapping[str, str]):
         return None
     if any(a in inside for a in _nodes_in((args, kwargs))):
         return None
-    stack = nodes[0].meta.get(SCOPE_KEY, ())
+    stack = scopes.get(nodes[0].name, ())
     scope = stack[: stack.index(frame) + 1]
     with graph.inserting_before(nodes[0]):
         module_call = graph.call_module(frame.name, args, kwargs)
-        _stamp(module_call, scope, call.grad_enabled)
         accessors: dict[tuple, fx.Node] = {(): module_call}
         for node in escaping:
-            _accessor(graph, accessors, call.outputs[node.name], scope, call.grad_enabled)
+            _accessor(graph, accessors, call.outputs[node.name])
+    for node in accessors.values():
+        scopes[node.name] = scope
+        if not call.grad_enabled:
+            no_grad.add(node.name)
     mapping = {}
     for node in escaping:
         replacement = accessors[call.outputs[node.name]]
@@ -83,21 +92,15 @@ def _collapse(graph: fx.Graph, call: ModuleCall, renamed: Mapping[str, str]):
     return mapping, tuple(n.name for n in accessors.values())
 
 
-def _accessor(graph: fx.Graph, accessors: dict[tuple, fx.Node], path: tuple, scope, grad_enabled) -> fx.Node:
+def _accessor(graph: fx.Graph, accessors: dict[tuple, fx.Node], path: tuple) -> fx.Node:
     if path in accessors:
         return accessors[path]
-    parent = _accessor(graph, accessors, path[:-1], scope, grad_enabled)
+    parent = _accessor(graph, accessors, path[:-1])
     kind, key = path[-1]
     target = operator.getitem if kind == "item" else getattr
     node = graph.call_function(target, (parent, key))
-    _stamp(node, scope, grad_enabled)
     accessors[path] = node
     return node
-
-
-def _stamp(node: fx.Node, scope, grad_enabled: bool) -> None:
-    node.meta[SCOPE_KEY] = scope
-    node.meta[GRAD_KEY] = grad_enabled
 
 
 def _nodes_in(value) -> list[fx.Node]:

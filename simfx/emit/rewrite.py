@@ -1,75 +1,58 @@
-"""Stage 5 — rewrite: the plan becomes a new GraphModule returning ``(output, sim_loss)`` in training.
+"""Emit — rewrite: the plan becomes a new GraphModule returning ``(output, sim_loss)`` in training.
 
-The training graph is the traced graph with three changes:
+Surgery only: every decision was made by the plan. The training graph is the
+traced graph with three changes:
 
 1. every chosen block that is one whole module call becomes a call of that
-   module again (:mod:`simfx.collapse`);
+   module again (:mod:`simfx.emit.collapse`);
 2. for each planned block one ``call_module`` node ``simfx.<key>(x, y)`` is
    inserted right after the block's output ``y`` (so the sampled tokens are
    taken while ``y`` is fresh, before any later in-place op); one
    ``aggregate_losses`` node before the output combines them
-   (:func:`simfx.monitor.aggregate_losses`, which in eager mode also warns about
-   blocks whose loss was not finite and was skipped), and the output becomes
+   (:func:`simfx.runtime.monitor.aggregate_losses`, which in eager mode also warns
+   about blocks whose loss was not finite and was skipped), and the output becomes
    ``(output, sim_loss)`` — or ``(output, sim_loss, {name: loss})`` with
    ``per_block=True``;
 3. where the model's traced code switched grad mode (``torch.no_grad()``,
    ``set_grad_enabled``), explicit ``torch._C._set_grad_enabled`` nodes switch it
    at the same places (restoring the caller's mode after each region).
 
-Eval mode runs the model itself (:mod:`simfx.graph_module`). Inserted nodes carry
-``node.meta["simfx_inserted"] = True`` and the boundary name, which is how the
-inspection tools and :func:`plain_graph` find them.
+Eval mode runs the model itself (:mod:`simfx.runtime.module`). What the rewrite did
+to the graph's nodes (which it inserted, which block each belongs to, the module
+calls each was recorded inside) is recorded in ``sim.simfx_info`` by node name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ..runtime import monitor
 from ..analysis.boundaries import Boundary
-from .collapse import collapse_calls
-from ..runtime.module import SimGraphModule
 from ..capture.inputs import CallTemplate
-from ..runtime.objectives import BoundaryObjective, build_objective, get_objective
+from ..capture.record import ScopeFrame, TracedModel
+from ..fx_utils import copy_graph, output_node
 from ..plan.select import Plan, PlannedBlock
-from ..capture.fx_trace import GRAD_KEY, SCOPE_KEY, ScopeFrame, TracedModel, copy_graph
+from ..runtime import monitor
+from ..runtime.heads import BoundaryObjective, build_objective
+from ..runtime.info import SimInfo
+from ..runtime.module import NAMESPACE, SimGraphModule
+from .collapse import collapse_calls
 
-__all__ = ["SimInfo", "NAMESPACE", "rewrite", "strip", "original_state_dict", "plain_graph", "collapsible_frames"]
-
-NAMESPACE = "simfx"
-INSERTED = "simfx_inserted"
-BOUNDARY = "simfx_boundary"
+__all__ = ["rewrite", "collapsible_frames", "plain_graph"]
 
 
-@dataclass(frozen=True)
-class SimInfo:
-    """Plain-data record of a transform, kept on the module as ``simfx_info``.
+@dataclass
+class _NodeFacts:
+    """What the emitted graph's nodes are, by name (the capture record's facts, kept up to date)."""
 
-    ``calls`` names the blocks that run as calls of their module in the training
-    graph; ``traced`` the modules whose code was traced into it. ``nodes`` maps each
-    block to the names of its input, output and loss nodes in ``sim.graph``.
-    ``notes`` say what simfx passes to the forward in training beyond the example
-    (``use_cache=False``). ``check`` says what the transform-time check found
-    (``"passed"``, or why it was skipped).
-    """
-
-    plan: Plan
-    candidates: tuple[Boundary, ...]
-    opaque: Mapping[str, str] = field(default_factory=dict)
-    example_shapes: tuple[tuple[int, ...] | None, ...] = ()
-    per_block: bool = False
-    loss_in_output: bool = False
-    frontend: str = "fx"
-    calls: tuple[str, ...] = ()
-    traced: tuple[str, ...] = ()
-    nodes: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
-    check: str = "not run"
+    scopes: dict[str, tuple[ScopeFrame, ...]]
+    no_grad: set[str]
+    inserted: set[str] = field(default_factory=set)
+    boundary_of: dict[str, str] = field(default_factory=dict)
 
 
 def rewrite(
@@ -92,43 +75,14 @@ def rewrite(
             f"call simfx.strip(module) first, or rename that submodule."
         )
     graph = copy_graph(traced.graph)
-    renamed, collapsed = collapse_calls(graph, traced.calls, collapsible_frames(traced, plan))
-    nodes = {n.name: n for n in graph.nodes}
+    facts = _NodeFacts(dict(traced.scopes), set(traced.no_grad))
+    renamed, collapsed = collapse_calls(
+        graph, traced.calls, collapsible_frames(traced, plan), facts.scopes, facts.no_grad,
+    )
     standing_for = {frame.key: names for frame, names in collapsed.items()}
-    block_nodes: dict[str, tuple[str, str, str]] = {}
-    heads = nn.ModuleDict()
-    losses: list[fx.Node] = []
-    weights: list[float] = []
-    # Reconstructors live with the model's parameters: example inputs may sit
-    # elsewhere (on the meta device, or on the CPU for a model already on the GPU).
-    device = next((p.device for p in traced.root.parameters()), None)
-    for block in plan.blocks:
-        heads[block.key] = _build_head(block, device)
-        boundary = block.boundary
-        x = nodes[renamed.get(boundary.entry, boundary.entry)]
-        y = nodes[renamed.get(boundary.exit, boundary.exit)]
-        with graph.inserting_after(y):
-            loss = graph.call_module(f"{NAMESPACE}.{block.key}", (x, y))
-        _mark(loss, boundary.name, y)
-        losses.append(loss)
-        weights.append(float(block.options.beta))
-        block_nodes[boundary.name] = (x.name, y.name, loss.name)
-        for name in (*boundary.nodes, *standing_for.get(boundary.name, ())):
-            node = nodes.get(renamed.get(name, name))
-            if node is not None:
-                node.meta.setdefault(BOUNDARY, boundary.name)
-
-    output = _output_node(graph)
-    result = output.args[0]
-    with graph.inserting_before(output):
-        # The monitor's aggregate: same maths, plus (eager only) a warning naming skipped blocks.
-        names = tuple(b.name for b in plan.blocks)
-        total = graph.call_function(monitor.aggregate_losses, (tuple(losses), tuple(weights), names))
-    total.meta[INSERTED] = True
-    total.meta[GRAD_KEY] = True
-    per_block_losses = {b.name: n for b, n in zip(plan.blocks, losses)}
-    output.args = ((result, total, per_block_losses) if per_block else (result, total),)
-    _switch_grad_mode_as_traced(graph)
+    heads, losses, block_nodes = _insert_reconstructors(graph, traced, plan, renamed, standing_for, facts)
+    _return_the_loss(graph, plan, losses, per_block, facts)
+    _switch_grad_mode_as_traced(graph, facts)
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)  # read only by code that now runs inside a module call
@@ -136,7 +90,7 @@ def rewrite(
 
     holder = _module_tree(traced)
     holder._modules[NAMESPACE] = heads
-    traced_frames = _traced_frames(graph)
+    traced_frames = _traced_frames(graph, facts)
     model_modules = dict(traced.model.named_modules())
     sim = SimGraphModule(
         holder,
@@ -165,9 +119,56 @@ def rewrite(
         calls=tuple(sorted(frame.key for frame in collapsed)),
         traced=tuple(sorted(traced_frames)),
         nodes=block_nodes,
+        inserted=frozenset(facts.inserted),
+        boundary_of=dict(facts.boundary_of),
+        scopes={n.name: facts.scopes.get(n.name, ()) for n in graph.nodes},
         notes=tuple(notes),
     )
     return sim
+
+
+def _insert_reconstructors(graph, traced: TracedModel, plan: Plan, renamed, standing_for, facts: _NodeFacts):
+    """One ``simfx.<key>(x, y)`` node right after each block's output; the heads, loss nodes and node names."""
+    nodes = {n.name: n for n in graph.nodes}
+    heads = nn.ModuleDict()
+    losses: list[fx.Node] = []
+    block_nodes: dict[str, tuple[str, str, str]] = {}
+    # Reconstructors live with the model's parameters: example inputs may sit
+    # elsewhere (on the meta device, or on the CPU for a model already on the GPU).
+    device = next((p.device for p in traced.root.parameters()), None)
+    for block in plan.blocks:
+        heads[block.key] = _build_head(block, device)
+        boundary = block.boundary
+        x = nodes[renamed.get(boundary.entry, boundary.entry)]
+        y = nodes[renamed.get(boundary.exit, boundary.exit)]
+        with graph.inserting_after(y):
+            loss = graph.call_module(f"{NAMESPACE}.{block.key}", (x, y))
+        facts.inserted.add(loss.name)
+        facts.boundary_of[loss.name] = boundary.name
+        facts.scopes[loss.name] = facts.scopes.get(y.name, ())
+        if y.name in facts.no_grad:
+            facts.no_grad.add(loss.name)
+        losses.append(loss)
+        block_nodes[boundary.name] = (x.name, y.name, loss.name)
+        for name in (*boundary.nodes, *standing_for.get(boundary.name, ())):
+            node = nodes.get(renamed.get(name, name))
+            if node is not None:
+                facts.boundary_of.setdefault(node.name, boundary.name)
+    return heads, losses, block_nodes
+
+
+def _return_the_loss(graph, plan: Plan, losses, per_block: bool, facts: _NodeFacts) -> None:
+    """The output becomes ``(output, sim_loss)`` (and ``{block: loss}`` with ``per_block``)."""
+    output = output_node(graph)
+    result = output.args[0]
+    with graph.inserting_before(output):
+        # The monitor's aggregate: same maths, plus (eager only) a warning naming skipped blocks.
+        names = tuple(b.name for b in plan.blocks)
+        weights = tuple(float(b.options.beta) for b in plan.blocks)
+        total = graph.call_function(monitor.aggregate_losses, (tuple(losses), weights, names))
+    facts.inserted.add(total.name)
+    per_block_losses = {b.name: n for b, n in zip(plan.blocks, losses)}
+    output.args = ((result, total, per_block_losses) if per_block else (result, total),)
 
 
 def collapsible_frames(traced: TracedModel, plan: Plan) -> list[ScopeFrame]:
@@ -180,7 +181,7 @@ def collapsible_frames(traced: TracedModel, plan: Plan) -> list[ScopeFrame]:
     planned_nodes = [set(b.boundary.nodes) for b in plan.blocks]
     members: dict[ScopeFrame, set[str]] = {}
     for node in traced.graph.nodes:
-        for frame in node.meta.get(SCOPE_KEY, ()):
+        for frame in traced.scope(node):
             if frame in traced.calls:
                 members.setdefault(frame, set()).add(node.name)
     frames = []
@@ -199,30 +200,23 @@ def collapsible_frames(traced: TracedModel, plan: Plan) -> list[ScopeFrame]:
     return frames
 
 
-def _mark(node: fx.Node, boundary: str, anchor: fx.Node) -> None:
-    node.meta[INSERTED] = True
-    node.meta[BOUNDARY] = boundary
-    node.meta[SCOPE_KEY] = anchor.meta.get(SCOPE_KEY, ())
-    node.meta[GRAD_KEY] = anchor.meta.get(GRAD_KEY, True)
-
-
-def _switch_grad_mode_as_traced(graph: fx.Graph) -> None:
+def _switch_grad_mode_as_traced(graph: fx.Graph, facts: _NodeFacts) -> None:
     """Insert grad-mode switches where the traced code ran under another grad mode than its caller.
 
-    The trace ran with gradients enabled, so a node stamped ``False`` was recorded
+    The trace ran with gradients enabled, so a node recorded with them off was
     inside ``torch.no_grad()`` (or ``set_grad_enabled(False)``). Each such region
     switches gradients off on entry and back to the caller's mode (read once, at
     the start of the forward) on exit.
     """
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
-    if all(n.meta.get(GRAD_KEY, True) for n in nodes):
+    if not any(n.name in facts.no_grad for n in nodes):
         return
     first = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(first):
         caller_mode = graph.call_function(torch.is_grad_enabled, ())
     enabled = True
-    for node in [*nodes, _output_node(graph)]:
-        wanted = node.meta.get(GRAD_KEY, True) if node.op != "output" else True
+    for node in [*nodes, output_node(graph)]:
+        wanted = node.op == "output" or node.name not in facts.no_grad
         if wanted == enabled:
             continue
         with graph.inserting_before(node):
@@ -230,13 +224,13 @@ def _switch_grad_mode_as_traced(graph: fx.Graph) -> None:
         enabled = wanted
 
 
-def _traced_frames(graph: fx.Graph) -> set[str]:
+def _traced_frames(graph: fx.Graph, facts: _NodeFacts) -> set[str]:
     """Modules whose own code the graph runs (not as a call): the root and every traced-through scope."""
     names = {""}
     for node in graph.nodes:
-        if node.meta.get(INSERTED):
+        if node.name in facts.inserted:
             continue
-        scope = node.meta.get(SCOPE_KEY, ())
+        scope = facts.scopes.get(node.name, ())
         if node.op == "call_module":
             scope = scope[:-1]  # the called module itself runs its own code
         names.update(frame.name for frame in scope)
@@ -244,45 +238,16 @@ def _traced_frames(graph: fx.Graph) -> set[str]:
 
 
 def _build_head(block: PlannedBlock, device: torch.device | None) -> BoundaryObjective:
-    b, options = block.boundary, block.options
-    if options.token_sampling == "topk_mean" and not get_objective(options.objective).uses_input:
-        raise ValueError(
-            f"block '{b.name}': token_sampling='topk_mean' ranks tokens by the block's input, which objective "
-            f"{options.objective!r} does not read (uses_input=False); use token_sampling='shared' or "
-            f"'per_sample' for this block (overrides={{{b.name!r}: {{'token_sampling': 'shared'}}}})."
-        )
-    in_cd, out_cd = _channel_dims(b, options.channel_dims())
     module = build_objective(
-        options,
-        in_channel_dim=in_cd,
-        out_channel_dim=out_cd,
-        in_width=b.in_meta.shape[in_cd],
-        out_width=b.out_meta.shape[out_cd],
+        block.options,
+        in_channel_dim=block.in_channel_dim,
+        out_channel_dim=block.out_channel_dim,
+        in_width=block.in_width,
+        out_width=block.out_width,
     )
-    dtype = b.out_meta.dtype if b.out_meta.dtype.is_floating_point else None
-    return module.to(device=device or torch.device(b.out_meta.device), dtype=dtype)
-
-
-def _channel_dims(b: Boundary, override: tuple[int | None, int | None]) -> tuple[int, int]:
-    dims = []
-    for side, meta, inferred, forced in (
-        ("input", b.in_meta, b.in_channel_dim, override[0]),
-        ("output", b.out_meta, b.out_channel_dim, override[1]),
-    ):
-        if forced is None:
-            dims.append(inferred)
-            continue
-        if not -meta.rank <= forced < meta.rank or forced % meta.rank == 0:
-            raise ValueError(
-                f"channel_dim={forced} for the {side} of block '{b.name}' (shape {meta.shape}) "
-                f"must name a non-batch axis in 1..{meta.rank - 1}."
-            )
-        dims.append(forced % meta.rank)
-    return dims[0], dims[1]
-
-
-def _output_node(graph: fx.Graph) -> fx.Node:
-    return next(n for n in reversed(graph.nodes) if n.op == "output")
+    meta = block.boundary.out_meta
+    dtype = meta.dtype if meta.dtype.is_floating_point else None
+    return module.to(device=device or torch.device(meta.device), dtype=dtype)
 
 
 def _module_tree(traced: TracedModel) -> nn.Module:
@@ -303,63 +268,14 @@ def _module_tree(traced: TracedModel) -> nn.Module:
     return holder
 
 
-# --- the model without SIM ------------------------------------------------------
-
-
-def plain_graph(graph: fx.Graph) -> fx.Graph:
-    """A copy of a training graph without the nodes simfx inserted: the model's own training computation."""
-    graph = copy_graph(graph)
-    output = _output_node(graph)
+def plain_graph(sim: SimGraphModule) -> fx.Graph:
+    """A copy of ``sim``'s training graph without the nodes simfx inserted: the model's own training computation."""
+    graph = copy_graph(sim.graph)
+    inserted = sim.simfx_info.inserted
+    output = output_node(graph)
     output.args = (output.args[0][0],)
     for node in reversed(list(graph.nodes)):
-        if node.meta.get(INSERTED):
+        if node.name in inserted:
             graph.erase_node(node)
     graph.lint()
     return graph
-
-
-def strip(sim: nn.Module) -> nn.Module:
-    """The model without SIM: the user's model itself (the copy, with ``transform(copy=True)``).
-
-    Its parameters are the ones ``sim`` trained, its forward is its own, and its
-    ``state_dict()`` loads into the original architecture with ``strict=True``.
-
-    >>> import torch, torchvision, simfx
-    >>> model = torchvision.models.resnet18(num_classes=10)
-    >>> sim = simfx.transform(model, torch.randn(2, 3, 64, 64))
-    >>> simfx.strip(sim) is model
-    True
-    """
-    if not isinstance(sim, SimGraphModule):
-        raise TypeError(
-            f"simfx.strip expects a module returned by simfx.transform, got {type(sim).__name__}."
-        )
-    return sim.simfx_model()
-
-
-def original_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The original model's entries of a transformed module's ``state_dict`` (reconstructors dropped).
-
-    Wrapper prefixes are removed first: ``_orig_mod.`` (a ``torch.compile``-d
-    module's ``state_dict``) and ``module.`` (DDP's), in any nesting, when every
-    key carries them, so a checkpoint of ``DDP(torch.compile(sim))`` loads into
-    the plain original model with ``strict=True``.
-
-    >>> sd = {"conv.weight": 1, "simfx.layer1_0.objective.predictor.weight": 2}
-    >>> original_state_dict(sd)
-    {'conv.weight': 1}
-    >>> original_state_dict({"module._orig_mod.conv.weight": 1, "module._orig_mod.simfx.a.weight": 2})
-    {'conv.weight': 1}
-    """
-    state_dict = dict(state_dict)
-    while state_dict:
-        wrapper = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
-        if wrapper is None:
-            break
-        state_dict = {k[len(wrapper):]: v for k, v in state_dict.items()}
-    prefix = f"{NAMESPACE}."
-    return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
-
-
-# Prefixes torch.compile (OptimizedModule) and DistributedDataParallel put before every key.
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")

@@ -35,7 +35,7 @@ from torch import nn
 from .explain import _count
 from ..runtime.module import SimGraphModule
 from .graphs import to_networkx
-from ..emit.rewrite import NAMESPACE
+from ..runtime.module import NAMESPACE
 
 __all__ = ["draw"]
 

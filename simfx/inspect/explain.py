@@ -34,12 +34,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..analysis.boundaries import token_count
+from ..analysis.layout import token_count
 from ..runtime.module import SimGraphModule
 from .graphs import example_inputs_for
-from ..runtime.objectives import BoundaryObjective, RhoSim
+from ..runtime.heads import BoundaryObjective
+from ..runtime.objectives import RhoSim
 from ..options import SimOptions
-from ..emit.rewrite import NAMESPACE, strip
+from ..runtime.module import NAMESPACE, strip
 from ..runtime.tokens import sample_count
 
 __all__ = ["BlockRow", "RejectedRow", "Report", "explain", "format_table"]

@@ -17,10 +17,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..runtime.module import SimGraphModule
-from ..emit.rewrite import BOUNDARY, INSERTED, plain_graph
 from ..analysis.shapes import TensorMeta, propagate_shapes
-from ..capture.fx_trace import SCOPE_KEY
+from ..emit.rewrite import plain_graph
+from ..runtime.module import SimGraphModule
 
 __all__ = ["to_networkx", "graph_diff", "GraphDiff", "node_shapes", "target_name"]
 
@@ -86,16 +85,19 @@ def to_networkx(gm: fx.GraphModule, example_inputs: Any = None) -> nx.DiGraph:
     graph = nx.DiGraph()
     info = getattr(gm, "simfx_info", None)
     graph.graph["boundaries"] = list(info.plan.names) if info is not None else []
+    scopes = info.scopes if info is not None else {}
+    boundary_of = info.boundary_of if info is not None else {}
+    inserted = info.inserted if info is not None else frozenset()
     for order, node in enumerate(gm.graph.nodes):
-        scope = node.meta.get(SCOPE_KEY) or ()
+        scope = scopes.get(node.name, ())
         graph.add_node(
             node.name,
             op=node.op,
             target=target_name(node),
             order=order,
             shape=shapes.get(node.name),
-            boundary=node.meta.get(BOUNDARY),
-            inserted=bool(node.meta.get(INSERTED, False)),
+            boundary=boundary_of.get(node.name),
+            inserted=node.name in inserted,
             module=scope[-1].name if scope else "",
             module_type=scope[-1].type.__name__ if scope else "",
             scope=tuple(frame.key for frame in scope),
@@ -142,7 +144,7 @@ def graph_diff(sim: nn.Module) -> GraphDiff:
     """
     if not isinstance(sim, SimGraphModule):
         raise TypeError(f"graph_diff expects the module simfx.transform returned, got {type(sim).__name__}.")
-    before = _edges(plain_graph(sim.graph))
+    before = _edges(plain_graph(sim))
     after = _edges(sim.graph)
     order = {n.name: i for i, n in enumerate(sim.graph.nodes)}
 
@@ -150,7 +152,7 @@ def graph_diff(sim: nn.Module) -> GraphDiff:
         return tuple(sorted(edges, key=lambda e: (order.get(e[1], -1), order.get(e[0], -1))))
 
     return GraphDiff(
-        added_nodes=tuple(n.name for n in sim.graph.nodes if n.meta.get(INSERTED)),
+        added_nodes=tuple(n.name for n in sim.graph.nodes if n.name in sim.simfx_info.inserted),
         added_edges=by_order(after - before),
         removed_edges=by_order(before - after),
     )

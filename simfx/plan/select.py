@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 from ..analysis.boundaries import Boundary
+from ..analysis.layout import is_channel_axis
 from ..errors import NoEligibleBlockError, SelectorError
-from ..runtime.objectives import get_objective
 from ..options import SimOptions, merge_options
+from ..runtime.objectives import OBJECTIVES, ObjectiveRegistry, ObjectiveSpec, sampling_problem
 
 __all__ = ["Selector", "PlannedBlock", "Plan", "select_blocks", "matches"]
 
@@ -46,11 +47,22 @@ Selector = Union[type, str, "re.Pattern[str]", Callable[[Boundary], bool]]
 
 @dataclass(frozen=True)
 class PlannedBlock:
-    """A chosen boundary, its options, and the submodule key of its objective (under ``simfx.``)."""
+    """A chosen boundary with everything the rewrite needs, settled and checked.
+
+    ``options`` are the block's SIM options (their objective checked against the
+    registry), ``key`` the submodule name of its reconstructor (under ``simfx.``),
+    ``in_channel_dim``/``out_channel_dim`` the channel axes SIM reads (inferred,
+    or the ``channel_dim`` option) and ``in_width``/``out_width`` the channel
+    counts there.
+    """
 
     boundary: Boundary
     options: SimOptions
     key: str
+    in_channel_dim: int
+    out_channel_dim: int
+    in_width: int
+    out_width: int
 
     @property
     def name(self) -> str:
@@ -77,8 +89,15 @@ def select_blocks(
     overrides: Mapping[Any, Mapping[str, Any]] | None = None,
     defaults: SimOptions = SimOptions(),
     allow_empty: bool = False,
+    objectives: ObjectiveRegistry = OBJECTIVES,
 ) -> Plan:
-    """Choose the boundaries that get SIM; raise with reasons when none can (unless ``allow_empty``)."""
+    """Choose the boundaries that get SIM and settle everything about them; the plan the rewrite follows.
+
+    Raises with reasons when no block can take SIM (unless ``allow_empty``), and on
+    any option that does not fit its block (an unknown objective, a ``channel_dim``
+    naming the batch axis, ``topk_mean`` with an objective that never reads the
+    input). ``objectives`` is the registry objective names are looked up in.
+    """
     chosen: dict[str, Boundary] = {}
     decisions: dict[str, str] = {}
     explicit: set[str] = set()
@@ -114,9 +133,9 @@ def select_blocks(
             if chosen.pop(b.name, None) is not None:
                 decisions[b.name] = f"excluded by {_show(selector)}"
 
-    planned = []
+    planned: list[tuple[Boundary, SimOptions, ObjectiveSpec]] = []
     override_items = list((overrides or {}).items())
-    used_overrides = set()
+    used_overrides: set[int] = set()
     for b in candidates:
         if b.name not in chosen:
             continue
@@ -126,33 +145,59 @@ def select_blocks(
                 options = merge_options(options, _check_changes(selector, changes))
                 used_overrides.add(index)
         b = _with_primaries(b, options)
-        need = get_objective(options.objective).min_tokens(options)
-        tokens = b.out_tokens
-        if tokens is not None and tokens < need:
-            why = f"{tokens} output token(s) at the example input; {options.objective} needs {need}"
-            if b.name in explicit:
-                warnings.warn(
-                    f"simfx: block '{b.name}' has {why}; its loss is skipped (NaN) whenever a batch "
-                    f"gives it fewer tokens. Use a larger example input or exclude it.",
-                    stacklevel=3,
-                )
-            else:
-                decisions[b.name] = why
-                continue
-        planned.append(PlannedBlock(b, options, ""))
+        spec = objectives.get(options.objective)
+        problem = _too_few_tokens(b, options, spec)
+        if problem and b.name not in explicit:
+            decisions[b.name] = problem
+            continue
+        if problem:
+            warnings.warn(
+                f"simfx: block '{b.name}' has {problem}; its loss is skipped (NaN) whenever a batch "
+                f"gives it fewer tokens. Use a larger example input or exclude it.",
+                stacklevel=3,
+            )
+        planned.append((b, options, spec))
     for index, (selector, _) in enumerate(override_items):
         if index not in used_overrides:
             raise SelectorError(
                 f"overrides selector {_show(selector)} matched none of the selected blocks "
-                f"({', '.join(b.boundary.name for b in planned) or 'none'})."
+                f"({', '.join(b.name for b, _, _ in planned) or 'none'})."
             )
     if not planned and not allow_empty:
         raise NoEligibleBlockError(_nothing_selected(candidates, decisions, blocks))
-    keys = _unique_keys([b.boundary.name for b in planned])
-    planned = [PlannedBlock(b.boundary, b.options, key) for b, key in zip(planned, keys)]
-    for b in planned:
+    keys = _unique_keys([b.name for b, _, _ in planned])
+    final = tuple(_planned_block(b, options, spec, key) for (b, options, spec), key in zip(planned, keys))
+    for b in final:
         decisions.setdefault(b.name, "selected")
-    return Plan(tuple(planned), decisions)
+    return Plan(final, decisions)
+
+
+def _too_few_tokens(b: Boundary, options: SimOptions, spec: ObjectiveSpec) -> str:
+    need = spec.min_tokens(options)
+    tokens = b.out_tokens
+    if tokens is not None and tokens < need:
+        return f"{tokens} output token(s) at the example input; {options.objective} needs {need}"
+    return ""
+
+
+def _planned_block(b: Boundary, options: SimOptions, spec: ObjectiveSpec, key: str) -> PlannedBlock:
+    """The block with its channel axes and widths settled; every option checked against the block."""
+    problem = sampling_problem(options, spec)
+    if problem:
+        raise ValueError(
+            f"block '{b.name}': {problem} for this block (overrides={{{b.name!r}: {{'token_sampling': 'shared'}}}})."
+        )
+    forced = options.channel_dims()
+    axes = []
+    for side, meta, inferred, axis in (("input", b.in_meta, b.in_channel_dim, forced[0]),
+                                       ("output", b.out_meta, b.out_channel_dim, forced[1])):
+        if axis is not None and not is_channel_axis(axis, meta.rank):
+            raise ValueError(
+                f"channel_dim={axis} for the {side} of block '{b.name}' (shape {meta.shape}) "
+                f"must name a non-batch axis in 1..{meta.rank - 1}."
+            )
+        axes.append(inferred if axis is None else axis % meta.rank)
+    return PlannedBlock(b, options, key, axes[0], axes[1], b.in_meta.shape[axes[0]], b.out_meta.shape[axes[1]])
 
 
 def _with_primaries(b: Boundary, options: SimOptions) -> Boundary:

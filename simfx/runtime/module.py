@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import linecache
 from collections.abc import MutableMapping
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -38,11 +38,13 @@ from torch import nn
 
 from ..errors import FaithfulnessError
 from ..capture.inputs import CallTemplate
-from ..capture.fx_trace import has_hooks
+from ..capture.module_facts import has_hooks
 
-__all__ = ["SimGraphModule"]
+__all__ = ["SimGraphModule", "NAMESPACE", "strip", "original_state_dict"]
 
 _MODEL = "_simfx_model"
+NAMESPACE = "simfx"
+"""The submodule holding the reconstructors: their ``state_dict`` keys start with ``simfx.``."""
 
 
 def _base_class(cls: type) -> type:
@@ -306,3 +308,50 @@ def _with_root_hooks(sim: SimGraphModule, model: nn.Module, inputs: tuple):
         if result is not None:
             output = result
     return (output, *outputs[1:])
+
+
+def strip(sim: nn.Module) -> nn.Module:
+    """The model without SIM: the user's model itself (the copy, with ``transform(copy=True)``).
+
+    Its parameters are the ones ``sim`` trained, its forward is its own, and its
+    ``state_dict()`` loads into the original architecture with ``strict=True``.
+
+    >>> import torch, torchvision, simfx
+    >>> model = torchvision.models.resnet18(num_classes=10)
+    >>> sim = simfx.transform(model, torch.randn(2, 3, 64, 64))
+    >>> simfx.strip(sim) is model
+    True
+    """
+    if not isinstance(sim, SimGraphModule):
+        raise TypeError(
+            f"simfx.strip expects a module returned by simfx.transform, got {type(sim).__name__}."
+        )
+    return sim.simfx_model()
+
+
+# Prefixes torch.compile (OptimizedModule) and DistributedDataParallel put before every key.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def original_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The original model's entries of a transformed module's ``state_dict`` (reconstructors dropped).
+
+    Wrapper prefixes are removed first: ``_orig_mod.`` (a ``torch.compile``-d
+    module's ``state_dict``) and ``module.`` (DDP's), in any nesting, when every
+    key carries them, so a checkpoint of ``DDP(torch.compile(sim))`` loads into
+    the plain original model with ``strict=True``.
+
+    >>> sd = {"conv.weight": 1, "simfx.layer1_0.objective.predictor.weight": 2}
+    >>> original_state_dict(sd)
+    {'conv.weight': 1}
+    >>> original_state_dict({"module._orig_mod.conv.weight": 1, "module._orig_mod.simfx.a.weight": 2})
+    {'conv.weight': 1}
+    """
+    state_dict = dict(state_dict)
+    while state_dict:
+        wrapper = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if wrapper is None:
+            break
+        state_dict = {k[len(wrapper):]: v for k, v in state_dict.items()}
+    prefix = f"{NAMESPACE}."
+    return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}

@@ -1,7 +1,7 @@
 """Say which blocks' SIM losses were skipped for being non-finite, without stalling the device.
 
 ``sim_loss`` leaves out block losses that are NaN or infinite with tensor ops
-(:func:`simfx.objectives.aggregate_losses`), so one overflowing block does not
+(:func:`weighted_mean_of_finite`), so one overflowing block does not
 poison training. Silently, though, that would hide a broken block for weeks:
 in eager mode the aggregate node of a transformed module calls
 :func:`aggregate_losses` here, which also warns with
@@ -32,9 +32,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import objectives
 
-__all__ = ["NonFiniteLossWarning", "aggregate_losses", "flush"]
+__all__ = ["NonFiniteLossWarning", "aggregate_losses", "weighted_mean_of_finite", "flush"]
 
 # Deferred device checks still waiting for their event; beyond this many the
 # oldest is waited for, so a device far behind the host cannot grow the queue.
@@ -54,14 +53,26 @@ class NonFiniteLossWarning(UserWarning):
 
 
 def aggregate_losses(losses: Sequence[Tensor], weights: Sequence[float], names: Sequence[str] = ()) -> Tensor:
-    """:func:`simfx.objectives.aggregate_losses`, warning (eager mode only) about skipped blocks.
+    """:func:`weighted_mean_of_finite`, warning (eager mode only) about skipped blocks.
 
     ``names`` are the blocks' names, in the order of ``losses``.
     """
-    total = objectives.aggregate_losses(losses, weights)
+    total = weighted_mean_of_finite(losses, weights)
     if names and _eager(losses):
         _check(torch.stack([torch.isfinite(loss) for loss in losses]), tuple(names))
     return total
+
+
+def weighted_mean_of_finite(losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``mean_i(w_i * loss_i)`` over the finite block losses (0 when none is finite), with tensor ops only."""
+    stacked = torch.stack(list(losses))
+    finite = torch.isfinite(stacked)
+    if len(set(weights)) == 1:
+        total = torch.where(finite, stacked, 0).sum() * weights[0]
+    else:
+        weighted = torch.stack([loss * w for loss, w in zip(losses, weights)])
+        total = torch.where(finite, weighted, 0).sum()
+    return total / finite.sum().clamp(min=1)
 
 
 def flush() -> None:

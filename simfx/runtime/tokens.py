@@ -98,9 +98,7 @@ def sample_pair(x_tokens: Tensor | None, y_tokens: Tensor, k: int, strategy: str
         order = torch.rand(batch, n, device=device).argsort(dim=1)
         if strategy == "topk_mean":
             candidates = order[:, : min(3 * k, n)]
-            if x_tokens is None:
-                raise ValueError("token_sampling='topk_mean' ranks tokens by the block input, "
-                                 "which this objective does not use; choose 'shared' or 'per_sample'.")
+            # x_tokens is there: build_objective refuses topk_mean for objectives that never compute it.
             scores = x_tokens.detach().mean(dim=-1).gather(1, candidates)
             index = candidates.gather(1, scores.topk(k, dim=1).indices)
         else:

@@ -1,0 +1,84 @@
+"""Facts about a model's modules that capture, analysis and the check rely on, and two guards.
+
+* :func:`has_hooks`, :func:`weight_layers`, :func:`hidden_blocks`: read-only facts.
+* :func:`preserved_module_state`: tracers and simfx's own runs execute a model's
+  Python code, which may cache values on modules or flip ``training``; the
+  guard undoes that.
+* :func:`hooks_suppressed`: simfx's own runs (the shape pass, the check) are not
+  the user's steps, so the user's hooks must not see them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import nn
+
+__all__ = ["has_hooks", "weight_layers", "hidden_blocks", "preserved_module_state", "hooks_suppressed"]
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """The module has forward, forward-pre or backward hooks of its own (which a trace would not run)."""
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+
+
+def weight_layers(module: nn.Module) -> int:
+    """Submodules applying a weight of 2+ dims of their own (conv, linear, attention projections)."""
+    return sum(any(p.dim() >= 2 for p in m.parameters(recurse=False)) for m in module.modules())
+
+
+def hidden_blocks(module: nn.Module) -> int:
+    """The most weighted members of one nn.Sequential/nn.ModuleList inside ``module`` (its hidden blocks)."""
+    counts = [
+        sum(weight_layers(child) > 0 for child in m.children())
+        for m in module.modules()
+        if isinstance(m, (nn.Sequential, nn.ModuleList))
+    ]
+    return max(counts, default=0)
+
+
+@contextlib.contextmanager
+def preserved_module_state(model: nn.Module) -> Iterator[None]:
+    """Undo what running the model's Python code did to its modules' attributes.
+
+    Tracers (fx proxies, export's and the shape pass's fake tensors) run forwards
+    that may cache values on modules (Ultralytics' Detect keeps its anchors) or
+    flip ``training``; those values must not outlive the trace. Parameter and
+    buffer *contents* are not touched by tracing and are not copied.
+    """
+    saved = [
+        (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()
+    ]
+    try:
+        yield
+    finally:
+        for m, attributes, parameters, buffers, modules in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
+            for container, contents in ((m._parameters, parameters), (m._buffers, buffers), (m._modules, modules)):
+                container.clear()
+                container.update(contents)
+
+
+@contextlib.contextmanager
+def hooks_suppressed(model: nn.Module) -> Iterator[None]:
+    """Module hooks do not fire inside: simfx's own runs (shapes, the check) are not the user's steps.
+
+    A feature-capture hook would otherwise receive fake tensors, or store the
+    example batch's features.
+    """
+    saved = []
+    for m in model.modules():
+        for name in _HOOK_DICTS:
+            hooks = m.__dict__.get(name)
+            if hooks:
+                saved.append((m, name, hooks))
+                m.__dict__[name] = type(hooks)()
+    try:
+        yield
+    finally:
+        for m, name, hooks in saved:
+            m.__dict__[name] = hooks

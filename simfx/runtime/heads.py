@@ -1,0 +1,112 @@
+"""SIM at one block: :class:`BoundaryObjective` turns the block's input and output into sampled tokens
+(DESIGN steps 1-4, via :mod:`simfx.runtime.tokens`) and hands them to the block's objective module.
+
+Loss maths runs in float32. A block whose sampled activations are not finite
+computes on zeros and reports NaN, so the aggregate (:mod:`simfx.runtime.monitor`)
+can leave it out with tensor ops: no host sync and no NaN gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..options import SimOptions
+from .objectives import get_objective, sampling_problem
+from .tokens import input_tokens_on_output_grid, sample_count, sample_pair, to_tokens
+
+__all__ = ["BoundaryObjective", "build_objective"]
+
+
+class BoundaryObjective(nn.Module):
+    """SIM at one boundary: ``forward(x, y)`` returns this block's float32 loss.
+
+    ``x`` is detached here; gradients reach the block only through ``y``. The
+    static layout facts (channel axes, kept widths, sampling) are plain attributes
+    fixed at transform time, so the traced train graph has no data-dependent control
+    flow.
+    """
+
+    def __init__(
+        self,
+        objective: nn.Module,
+        *,
+        in_channel_dim: int,
+        out_channel_dim: int,
+        in_channels: int,
+        out_channels: int,
+        options: SimOptions,
+        uses_input: bool = True,
+        min_tokens: int = 1,
+    ):
+        super().__init__()
+        self.objective = objective
+        self.in_channel_dim = in_channel_dim
+        self.out_channel_dim = out_channel_dim
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        fraction = options.token_fraction
+        self.ratio = (fraction.numerator, fraction.denominator)
+        self.min_tokens = max(2, min_tokens)
+        self.token_sampling = options.token_sampling
+        self.uses_input = uses_input
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        y_tokens = to_tokens(y, self.out_channel_dim)[..., : self.out_channels]
+        x_tokens = None
+        if self.uses_input:
+            x = x.detach()
+            x_tokens = input_tokens_on_output_grid(x, self.in_channel_dim, y, self.out_channel_dim)
+            x_tokens = x_tokens[..., : self.in_channels]
+        k = sample_count(y_tokens.shape[1], self.ratio[0], self.ratio[1], self.min_tokens)
+        x_tokens, y_tokens = sample_pair(x_tokens, y_tokens, k, self.token_sampling)
+
+        # One NaN-propagating reduction per side: as exact as isfinite(t).all() (a NaN
+        # or an infinity makes the max non-finite) and several times cheaper on CPU.
+        largest = y_tokens.detach().abs().amax()
+        if x_tokens is not None:
+            largest = torch.maximum(largest, x_tokens.abs().amax())
+        finite = torch.isfinite(largest)
+        if x_tokens is not None:
+            x_tokens = torch.where(finite, x_tokens, 0)
+        y_tokens = torch.where(finite, y_tokens, 0)
+        loss = self.objective(x_tokens, y_tokens).float()
+        return torch.where(finite, loss, float("nan"))
+
+    def extra_repr(self) -> str:
+        return (
+            f"channel_dims=({self.in_channel_dim}, {self.out_channel_dim}), "
+            f"channels=({self.in_channels}, {self.out_channels}), "
+            f"token_ratio={self.ratio[0]}/{self.ratio[1]}, token_sampling={self.token_sampling!r}"
+        )
+
+
+def build_objective(
+    options: SimOptions,
+    *,
+    in_channel_dim: int,
+    out_channel_dim: int,
+    in_width: int,
+    out_width: int,
+) -> BoundaryObjective:
+    """The module for one boundary from its widths and options (channel sampling applied)."""
+    spec = get_objective(options.objective)
+    problem = sampling_problem(options, spec)
+    if problem:
+        raise ValueError(f"{problem}.")
+    cin, cout = options.channel_count(in_width), options.channel_count(out_width)
+    module = spec.factory(cin, cout, options)
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"objective {options.objective!r} factory returned {type(module).__name__}, not an nn.Module."
+        )
+    return BoundaryObjective(
+        module,
+        in_channel_dim=in_channel_dim,
+        out_channel_dim=out_channel_dim,
+        in_channels=cin,
+        out_channels=cout,
+        options=options,
+        uses_input=spec.uses_input,
+        min_tokens=spec.min_tokens(options),
+    )
