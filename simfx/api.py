@@ -34,6 +34,7 @@ from .analysis.shapes import GraphShapes, propagate_shapes
 from .capture.fx_trace import trace_model
 from .capture.record import TracedModel
 from .capture.wrapped import unwrapped_model
+from .inspect.text import shape_text
 
 __all__ = ["transform", "find_boundaries", "BoundaryRow", "BoundaryTable"]
 
@@ -382,8 +383,8 @@ class BoundaryTable(list):
             rows.append((
                 b.name,
                 b.type_name,
-                _shape(b.in_shape),
-                _shape(b.out_shape),
+                shape_text(b.in_shape),
+                shape_text(b.out_shape),
                 f"{b.in_layout}->{b.out_layout}" if b.eligible else "",
                 "yes" if b.residual else "",
                 "yes" if r.selected else "",
@@ -403,10 +404,6 @@ class BoundaryTable(list):
         return "\n".join(lines)
 
     __repr__ = __str__
-
-
-def _shape(shape) -> str:
-    return "x".join(str(s) for s in shape) if shape else "-"
 
 
 def find_boundaries(

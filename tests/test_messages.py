@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib
 import pathlib
 import random
 import re
@@ -37,7 +36,6 @@ from simfx.options import SimOptions
 from conftest import ConvBlock, StopGradient, TinyResNet
 
 PACKAGE = pathlib.Path(simfx.__file__).parent
-draw_module = importlib.import_module("simfx.inspect.draw")  # simfx.draw is the function
 X = torch.randn(2, 3, 8, 8)
 
 
@@ -287,12 +285,18 @@ def _with_module(name, call):
 
 
 def _dot_missing(monkeypatch):
-    monkeypatch.setattr(draw_module.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "")
     simfx.draw(_sim(), "graph.svg", engine="dot")
 
 
-def _dot_fails(tmp_path):
-    draw_module._run_dot("false", "digraph {}", tmp_path / "g.svg", "svg")
+def _dot_fails(tmp_path, monkeypatch):
+    # A `dot` on PATH that fails the way a broken graphviz install does.
+    fake = tmp_path / "bin" / "dot"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'Error: broken graphviz' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    simfx.draw(_sim(), tmp_path / "g.svg", engine="dot")
 
 
 def _factory_file(tmp_path, source, attr="make"):

@@ -37,13 +37,14 @@ from torch import nn
 from ..analysis.layout import token_count
 from ..runtime.module import SimGraphModule
 from .graphs import example_inputs_for
+from .text import count_text, format_table, shape_text
 from ..runtime.heads import BoundaryObjective
 from ..runtime.objectives import RhoSim
 from ..options import SimOptions
 from ..runtime.module import NAMESPACE, strip
 from ..runtime.tokens import sample_count
 
-__all__ = ["BlockRow", "RejectedRow", "Report", "explain", "format_table"]
+__all__ = ["BlockRow", "RejectedRow", "Report", "explain"]
 
 # Options shown per block; ``objective`` has its own column and ``channel_dim``
 # is shown only when set.
@@ -171,37 +172,39 @@ class Report:
             rows.append([
                 b.name,
                 b.module_type,
-                _shape(b.in_shape),
-                _shape(b.out_shape),
+                shape_text(b.in_shape),
+                shape_text(b.out_shape),
                 "yes" if b.residual else "",
                 b.objective,
                 f"{b.sampled_tokens}/{b.tokens}" if b.tokens is not None else "?",
-                _count(b.params),
-                _count(b.flops) if b.flops is not None else "?",
+                count_text(b.params),
+                count_text(b.flops) if b.flops is not None else "?",
                 _options_text(differing) if differing else "",
             ])
         return header, rows
 
     def _summary_lines(self) -> list[str]:
         common = self._common_options()
-        shapes = ", ".join(_shape(s) for s in self.example_shapes if s is not None) or "?"
+        shapes = ", ".join(shape_text(s) for s in self.example_shapes if s is not None) or "?"
         lines = [
             f"{len(self.blocks)} boundaries with SIM in {self.model_name} (example input {shapes}).",
         ]
         if common:
             shown = {"objective": common.pop("objective"), **common}
             lines.append(f"Options (every block unless its row says otherwise): {_options_text(shown)}")
-        share = f" ({self.param_share:.2%} of the model's {_count(self.model_params)})" if self.param_share is not None else ""
-        lines.append(f"Added parameters: {_count(self.added_params)}{share}.")
+        share = ""
+        if self.param_share is not None:
+            share = f" ({self.param_share:.2%} of the model's {count_text(self.model_params)})"
+        lines.append(f"Added parameters: {count_text(self.added_params)}{share}.")
         added = self.added_flops
         if added is None:
             lines.append("Added training FLOPs per sample: unknown.")
         elif self.flop_share is None:
-            lines.append(f"Added training FLOPs per sample: {_count(added)} (the model's could not be counted).")
+            lines.append(f"Added training FLOPs per sample: {count_text(added)} (the model's could not be counted).")
         else:
             lines.append(
-                f"Added training FLOPs per sample: {_count(added)} ({self.flop_share:.2%} of the model's "
-                f"{_count(self.model_flops)}; forward + backward, target branch forward only)."
+                f"Added training FLOPs per sample: {count_text(added)} ({self.flop_share:.2%} of the model's "
+                f"{count_text(self.model_flops)}; forward + backward, target branch forward only)."
             )
         return lines
 
@@ -244,24 +247,6 @@ class Report:
             out += [f"- `{name}`: {why}" for name, why in self.opaque.items()]
         out += [f"\n*Note:* {note}" for note in self.notes]
         return "\n".join(out) + "\n"
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bool = False) -> str:
-    """Align ``rows`` under ``header`` as plain text, or as a Markdown pipe table.
-
-    >>> print(format_table(["a", "bb"], [["1", "2"]]))
-    a  bb
-    -  --
-    1  2
-    """
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    if markdown:
-        def line(cells):
-            return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-        return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-    def line(cells):
-        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def explain(sim: nn.Module, example_inputs: Any = None, *, name: str | None = None) -> Report:
@@ -406,21 +391,6 @@ def _model_train_flops(sim: SimGraphModule, inputs) -> tuple[int | None, str]:
 
 
 # --- formatting ---------------------------------------------------------------
-
-
-def _shape(shape) -> str:
-    return "x".join(str(s) for s in shape) if shape else "-"
-
-
-def _count(n: int | None) -> str:
-    """12345678 -> '12.3M' (k, M, G, T with three significant digits)."""
-    if n is None:
-        return "?"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            value = n / scale
-            return f"{value:.3g}{unit}" if value < 1000 else f"{value:.0f}{unit}"
-    return str(n)
 
 
 def _options_text(options: dict[str, Any]) -> str:
