@@ -98,15 +98,35 @@ def select_blocks(
     naming the batch axis, ``topk_mean`` with an objective that never reads the
     input). ``objectives`` is the registry objective names are looked up in.
     """
-    chosen: dict[str, Boundary] = {}
-    decisions: dict[str, str] = {}
-    explicit: set[str] = set()
+    choice = _Choice()
     for selector in _as_list(blocks, "blocks"):
+        choice.include(selector, candidates)
+    for selector in _as_list(exclude, "exclude"):
+        choice.exclude(selector, candidates)
+    planned = _with_options(candidates, choice, overrides, defaults, objectives)
+    if not planned and not allow_empty:
+        raise NoEligibleBlockError(_nothing_selected(candidates, choice.decisions, blocks))
+    keys = _unique_keys([b.name for b, _, _ in planned])
+    final = tuple(_planned_block(b, options, spec, key) for (b, options, spec), key in zip(planned, keys))
+    for b in final:
+        choice.decisions.setdefault(b.name, "selected")
+    return Plan(final, choice.decisions)
+
+
+@dataclass
+class _Choice:
+    """The blocks chosen so far, a decision for every candidate looked at, and which were named explicitly."""
+
+    chosen: dict[str, Boundary] = field(default_factory=dict)
+    decisions: dict[str, str] = field(default_factory=dict)
+    explicit: set[str] = field(default_factory=set)
+
+    def include(self, selector: Any, candidates: Sequence[Boundary]) -> None:
         if isinstance(selector, str) and selector == "auto":
             picked, why = _auto(candidates)
-            decisions.update(why)
-            chosen.update((b.name, b) for b in picked)
-            continue
+            self.decisions.update(why)
+            self.chosen.update((b.name, b) for b in picked)
+            return
         hits = [b for b in candidates if matches(selector, b)]
         usable = [b for b in hits if b.eligible]
         if not hits:
@@ -118,26 +138,35 @@ def select_blocks(
                 f"Select blocks with one tensor in and one out (see simfx.find_boundaries)."
             )
         for b in usable:
-            chosen[b.name] = b
-            explicit.add(b.name)
-            decisions[b.name] = f"selected by {_show(selector)}"
+            self.chosen[b.name] = b
+            self.explicit.add(b.name)
+            self.decisions[b.name] = f"selected by {_show(selector)}"
         for b in hits:
             if not b.eligible:
-                decisions.setdefault(b.name, f"matched {_show(selector)} but {b.reason}")
+                self.decisions.setdefault(b.name, f"matched {_show(selector)} but {b.reason}")
 
-    for selector in _as_list(exclude, "exclude"):
+    def exclude(self, selector: Any, candidates: Sequence[Boundary]) -> None:
         hits = [b for b in candidates if matches(selector, b)]
         if not hits:
             raise SelectorError(_no_match("exclude", selector, candidates))
         for b in hits:
-            if chosen.pop(b.name, None) is not None:
-                decisions[b.name] = f"excluded by {_show(selector)}"
+            if self.chosen.pop(b.name, None) is not None:
+                self.decisions[b.name] = f"excluded by {_show(selector)}"
 
+
+def _with_options(
+    candidates: Sequence[Boundary],
+    choice: _Choice,
+    overrides: Mapping[Any, Mapping[str, Any]] | None,
+    defaults: SimOptions,
+    objectives: ObjectiveRegistry,
+) -> list[tuple[Boundary, SimOptions, ObjectiveSpec]]:
+    """Each chosen block in graph order with its options (defaults, then every matching override)."""
     planned: list[tuple[Boundary, SimOptions, ObjectiveSpec]] = []
     override_items = list((overrides or {}).items())
     used_overrides: set[int] = set()
     for b in candidates:
-        if b.name not in chosen:
+        if b.name not in choice.chosen:
             continue
         options = defaults
         for index, (selector, changes) in enumerate(override_items):
@@ -147,14 +176,14 @@ def select_blocks(
         b = _with_primaries(b, options)
         spec = objectives.get(options.objective)
         problem = _too_few_tokens(b, options, spec)
-        if problem and b.name not in explicit:
-            decisions[b.name] = problem
+        if problem and b.name not in choice.explicit:
+            choice.decisions[b.name] = problem
             continue
         if problem:
             warnings.warn(
                 f"simfx: block '{b.name}' has {problem}; its loss is skipped (NaN) whenever a batch "
                 f"gives it fewer tokens. Use a larger example input or exclude it.",
-                stacklevel=3,
+                stacklevel=4,
             )
         planned.append((b, options, spec))
     for index, (selector, _) in enumerate(override_items):
@@ -163,13 +192,7 @@ def select_blocks(
                 f"overrides selector {_show(selector)} matched none of the selected blocks "
                 f"({', '.join(b.name for b, _, _ in planned) or 'none'})."
             )
-    if not planned and not allow_empty:
-        raise NoEligibleBlockError(_nothing_selected(candidates, decisions, blocks))
-    keys = _unique_keys([b.name for b, _, _ in planned])
-    final = tuple(_planned_block(b, options, spec, key) for (b, options, spec), key in zip(planned, keys))
-    for b in final:
-        decisions.setdefault(b.name, "selected")
-    return Plan(final, decisions)
+    return planned
 
 
 def _too_few_tokens(b: Boundary, options: SimOptions, spec: ObjectiveSpec) -> str:
@@ -470,7 +493,8 @@ def _nothing_selected(candidates: Sequence[Boundary], decisions: Mapping[str, st
     if blocks == "auto":
         head = (
             "no eligible block: auto found no residual block, no weighted child of an "
-            "nn.Sequential/nn.ModuleList and no block of 2+ weight layers that can take SIM."
+            "nn.Sequential/nn.ModuleList, no block of 2+ weight layers and no weighted child of the model "
+            "that can take SIM."
         )
     else:
         head = "no eligible block: the selection left no block that can take SIM."
