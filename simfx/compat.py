@@ -32,8 +32,8 @@ tensor ops (no host sync), and both a decorated forward and
 
 How it maps onto simfx
 ----------------------
-Each decorated block owns one :class:`~simfx.objectives.BoundaryObjective` as the
-submodule ``simfx`` (built by :func:`~simfx.objectives.build_objective` while the
+Each decorated block owns one :class:`~simfx.runtime.heads.BoundaryObjective` as the
+submodule ``simfx`` (built by :func:`~simfx.runtime.heads.build_objective` while the
 block is constructed, so optimizers made afterwards include it, and saved with
 the block: ``state_dict`` keys ``<block>.simfx.objective.proj.0.weight``, ...; the
 same layout ``simfx.transform`` uses under ``simfx.<key>.objective``). The

@@ -1,10 +1,10 @@
-"""Stage 3 — boundaries: the regions of a traced graph where SIM can attach.
+"""Analysis — boundaries: the regions of a traced graph where SIM can attach.
 
 A boundary has exactly one activation tensor flowing in (``x``) and one flowing
 out (``y``), both batch-major. Candidates come from two sources:
 
 * **module scopes** — the nodes recorded inside one call of a submodule (the
-  trace stage stamps them); a leaf ``call_module`` node is a scope of one node;
+  capture record's ``scopes``); a leaf ``call_module`` node is a scope of one node;
 * **residual regions** — ``y = F(x) + x`` or ``F(x) + shortcut(x)`` found on the
   graph itself: for an ``add`` node ``a`` with entry ``u = idom(a)``, the region
   is every node ``u`` dominates and ``a`` post-dominates (networkx dominators on

@@ -1,4 +1,4 @@
-"""Stage 4 — select: candidates + selectors + overrides become the plan.
+"""Plan — select: candidates + selectors + overrides become the plan.
 
 ``blocks="auto"`` picks, in order:
 
@@ -22,7 +22,7 @@ Selectors (for ``blocks=``, ``exclude=`` and the keys of ``overrides=``):
   component and ``**`` crosses dots (``"layer*.*"`` is every block of every layer;
   ``"blk"`` also matches the repeated calls ``"blk@1"``, ...);
 * a compiled regex — ``fullmatch`` against the name;
-* a callable — a predicate over the :class:`~simfx.boundaries.Boundary` record;
+* a callable — a predicate over the :class:`~simfx.Boundary` record;
 * ``"auto"`` — the auto policy, combinable with others in a list.
 """
 
