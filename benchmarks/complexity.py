@@ -222,6 +222,7 @@ class StudyConfig:
     batch_size: int = 128
     lr: float = 0.005
     momentum: float = 0.9
+    nesterov: bool = False
     limit: int | None = None
     rlct: bool = True
     sgld: SGLDConfig = field(default_factory=SGLDConfig)
@@ -368,7 +369,7 @@ def train_model(data: reg.Data, arm: Arm, seed: int, config: StudyConfig) -> tup
         sim = simfx.transform(model, data.x_train[:8], blocks=last_hidden(config.hidden), objective=arm.objective,
                               beta=arm.beta(config.hidden[-1]), token_ratio=1.0, per_block=True)
     net = sim or model
-    optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
+    optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     initial_share = None
     if sim is not None:  # the weighted regulariser against the cross-entropy, on the first batch
         with torch.no_grad():
@@ -780,6 +781,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="append", default=[], metavar="OBJECTIVE=V1,V2,...",
                         help=f"strengths of one objective, e.g. --sweep self_model=1,10 (defaults {DEFAULT_SWEEPS})")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 50)")
+    parser.add_argument("--hidden", type=str, default=None, metavar="W1,W2,...",
+                        help="hidden layer widths (default 512,256,128,64; the regulariser sits on the last)")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch (default 128)")
+    parser.add_argument("--nesterov", action="store_true", help="Nesterov momentum (the official code's SGD)")
+    parser.add_argument("--name", default=None,
+                        help="file stem of the results (default complexity; complexity-quick with --quick)")
     parser.add_argument("--no-rlct", action="store_true", help="skip the RLCT (no devinterp needed)")
     parser.add_argument("--sgld", action="append", default=[], metavar="KEY=VALUE",
                         help="an SGLD setting: lr, localization, nbeta, batch_size, chains, draws, burnin "
@@ -803,6 +810,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[StudyConfig, int]:
     config, seeds = (quick_config(), min(args.seeds, 2)) if args.quick else (StudyConfig(), args.seeds)
     if args.epochs is not None:
         config.epochs = args.epochs
+    if args.hidden:
+        config.hidden = tuple(int(w) for w in args.hidden.split(",") if w)
+    if args.batch_size is not None:
+        config.batch_size = args.batch_size
+    config.nesterov = config.nesterov or args.nesterov
     config.rlct = not args.no_rlct
     for item in args.sweep:
         objective, _, values = item.partition("=")
@@ -842,8 +854,8 @@ def write_report(folder: Path, stem: str, payload: dict) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    stem = args.name or ("complexity-quick" if args.quick else "complexity")
     if args.replot:
-        stem = "complexity-quick" if args.quick else "complexity"
         payload = json.loads((Path(args.out) / f"{stem}.json").read_text())
         write_report(Path(args.out), stem, payload)
         print(f"redrew {args.out}/{stem}.md and its plots")
@@ -873,12 +885,12 @@ def main(argv=None) -> dict:
             "arms": [a.name for a in arms]}
     report = markdown_report(rows, pairs, trend_rows)
     payload = {"meta": meta, "summary": rows, "matched_pairs": pairs, "trends": trend_rows, "runs": results}
-    folder = write_results(args.out, f"complexity{quick}", payload, _header(meta) + report)
-    write_report(folder, f"complexity{quick}", payload)
+    folder = write_results(args.out, stem, payload, _header(meta) + report)
+    write_report(folder, stem, payload)
     print()
     print(report)
     print(f"{len(results)} runs in {meta['seconds'] / 60:.1f} min ({meta['cpu_seconds'] / 60:.1f} min CPU); "
-          f"wrote {folder}/complexity{quick}.{{json,md}} and plots")
+          f"wrote {folder}/{stem}.{{json,md}} and plots")
     return payload
 
 
