@@ -21,10 +21,14 @@ from simfx.options import SimOptions
 @pytest.fixture
 def registry(monkeypatch):
     """The objective registry as it was before the test, restored after (registrations do not leak)."""
-    saved = dict(objectives.OBJECTIVES._specs)
-    yield objectives.OBJECTIVES
-    objectives.OBJECTIVES._specs.clear()
-    objectives.OBJECTIVES._specs.update(saved)
+    registry = objectives.OBJECTIVES
+    saved = {name: registry.get(name) for name in registry.names()}
+    yield registry
+    for name in registry.names():
+        if name not in saved:
+            registry.unregister(name)
+    for spec in saved.values():
+        registry.add(spec, overwrite=True)
 
 
 def conv_head(objective, channels=6, **options):
