@@ -26,7 +26,7 @@ from .analysis.boundaries import Boundary, find_candidates
 from .emit.check import check_training_graph
 from .errors import ExampleInputsError, FaithfulnessError, NoEligibleBlockError, TraceError
 from .runtime.module import SimGraphModule
-from .capture.inputs import ExampleInputs, example_inputs as as_example_inputs, training_inputs
+from .capture.inputs import ExampleInputs, example_inputs as as_example_inputs, randomness_note, training_inputs
 from .options import SimOptions
 from .emit.rewrite import collapsible_frames, rewrite
 from .plan.select import Plan, select_blocks
@@ -182,7 +182,29 @@ class _Built:
 
 def _build(model, user_inputs, capture: _Capture, selection: _Selection, *, per_block: bool, check: bool,
            loss_in_output: bool = False) -> _Built:
-    """Capture with the chosen frontend, select, rewrite and check; ``auto`` falls back to export."""
+    """Capture with the chosen frontend, select, rewrite and check; ``auto`` falls back to export.
+
+    A failure on a model whose config switches on randomness drawn in Python
+    (SpecAugment, LayerDrop) says so, with the options to turn it off.
+    """
+    try:
+        return _build_with_fallbacks(model, user_inputs, capture, selection, per_block=per_block, check=check,
+                                     loss_in_output=loss_in_output)
+    except (NoEligibleBlockError, FaithfulnessError, TraceError) as error:
+        note = randomness_note(model)
+        if not note:
+            raise
+        raise _with_note(error, note) from error
+
+
+def _with_note(error: Exception, note: str) -> Exception:
+    if isinstance(error, TraceError):
+        return TraceError(f"{error}\n{note}", error.module_name, error.module_type, error.cause)
+    return type(error)(f"{error}\n{note}")
+
+
+def _build_with_fallbacks(model, user_inputs, capture: _Capture, selection: _Selection, *, per_block: bool,
+                          check: bool, loss_in_output: bool = False) -> _Built:
     if capture.frontend not in FRONTENDS:
         raise ValueError(f"frontend={capture.frontend!r} is not one of {FRONTENDS}.")
     inputs, flags = training_inputs(model, user_inputs)
@@ -251,7 +273,9 @@ def _build(model, user_inputs, capture: _Capture, selection: _Selection, *, per_
         try:
             exported = attempt("export")
         except (TraceError, FaithfulnessError, NoEligibleBlockError, ExampleInputsError) as error:
-            hidden_modules = ", ".join(f"'{name}' ({built.traced.opaque[name]})" for name in built.traced.automatic[:3])
+            # Modules made opaque in an earlier round may sit inside one made opaque later: list the ones left.
+            shown = [name for name in built.traced.automatic if name in built.traced.opaque][:3]
+            hidden_modules = ", ".join(f"'{name}' ({built.traced.opaque[name]})" for name in shown)
             warnings.warn(
                 f"simfx: fx kept {100 * hidden:.0f}% of {type(model).__name__}'s parameters in opaque modules "
                 f"({hidden_modules}), so SIM sees only {built.plan.names}; torch.export could not capture the model "
@@ -291,8 +315,11 @@ def _analyse(model, inputs: ExampleInputs, frontend: str, capture: _Capture, sel
             structures.update(shapes.leaf_structures)  # trace opaque modules' tuple results as tuples
             continue
         candidates = find_candidates(traced, shapes)
-        plan = selection.plan(candidates)
-        lost = _lost_outside_calls(traced, plan)
+        # What tracing lost in the model's own forward no call can keep: that is the error to
+        # give, whatever the selection would make of a graph recorded with a frozen draw.
+        frozen = next((f for f in traced.findings if not f.module), None)
+        plan = None if frozen else selection.plan(candidates)
+        lost = [frozen] if frozen else _lost_outside_calls(traced, plan)
         if not lost:
             return _Built(traced, shapes, candidates, plan)
         already = set(leaves)

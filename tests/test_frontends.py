@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import types
+
 import pytest
 import torch
 import torch._dynamo as dynamo
@@ -151,8 +154,13 @@ def test_untraceable_submodules_become_opaque_blocks_with_reasons():
     table = simfx.find_boundaries(model, x, frontend="fx")
     assert table.frontend == "fx"
     assert set(table.opaque) == {"blocks.0", "blocks.1", "blocks.2"}
-    assert all(reason == "made opaque: Proxy object cannot be iterated" for reason in table.opaque.values())
-    assert "3 module(s) kept opaque:\n  blocks.0: made opaque: Proxy object cannot be iterated" in str(table)
+    # Each reason names what fx reported and the line it failed on.
+    assert all(
+        re.fullmatch(r"made opaque: Proxy object cannot be iterated at test_frontends\.py:\d+ "
+                     r"`y = list\(self\.cv1\(x\)\.chunk\(2, 1\)\)`", reason)
+        for reason in table.opaque.values()
+    )
+    assert "3 module(s) kept opaque:\n  blocks.0: made opaque: Proxy object cannot be iterated at" in str(table)
     rows = {r.name: r for r in table}
     assert [r.name for r in table.selected()] == ["blocks.0", "blocks.1", "blocks.2"]
     assert rows["blocks.0"].boundary.opaque and rows["blocks.0"].boundary.nodes == ("blocks_0",)
@@ -212,6 +220,84 @@ def test_opaque_block_returning_a_tuple_counts_when_only_element_zero_is_used():
     used = {r.name: r for r in simfx.find_boundaries(PairNet(use_statistics=True), x, frontend="fx")}
     a = used["a"].boundary  # (y, statistics) both used: y is the primary output, the statistic a side output
     assert a.eligible and a.exit == "getitem" and len(a.side_outputs) == 1
+
+
+class BranchingEncoder(nn.Module):
+    """fx cannot trace it (a branch on a tensor value); it returns its result in a container, as Hugging Face
+    encoders return a ModelOutput: a dict read by key, or an object read by attribute."""
+
+    def __init__(self, container: str):
+        super().__init__()
+        self.container = container
+        self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x) if x.sum() > 0 else x - layer(x)
+        if self.container == "dict":
+            return {"last_hidden_state": x, "hidden_states": None}
+        return types.SimpleNamespace(last_hidden_state=x, hidden_states=None)
+
+
+class EncoderNet(nn.Module):
+    def __init__(self, container: str):
+        super().__init__()
+        self.container = container
+        self.embed = nn.Linear(4, 8)
+        self.encoder = BranchingEncoder(container)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        out = self.encoder(self.embed(x))
+        hidden = out["last_hidden_state"] if self.container == "dict" else out.last_hidden_state
+        return self.head(hidden)
+
+
+@pytest.mark.parametrize("container", ["dict", "attributes"])
+def test_an_opaque_block_returning_a_container_is_read_through_it(container):
+    model, x = EncoderNet(container), torch.randn(2, 5, 4)
+    table = simfx.find_boundaries(model, x, frontend="fx")
+    encoder = next(r for r in table if r.name == "encoder")
+    assert encoder.selected and encoder.boundary.opaque
+    assert encoder.boundary.exit != "encoder" and encoder.boundary.out_shape == (2, 5, 8)  # the tensor read from it
+    assert "x.sum() > 0" in table.opaque["encoder"]  # the opaque reason names the line fx failed on
+    # fx records `out.last_hidden_state` where it is first used (in head's call): it is still read outside head.
+    assert next(r for r in table if r.name == "head").decision == "produces the model's output"
+    sim = simfx.transform(model, x, frontend="fx")
+    assert sim.simfx_info.check == "passed"
+    train_step(sim, x)
+    assert_eval_exact(sim, model, x)
+
+
+def _clamp_rows(x):
+    return x if x.sum() > 0 else -x
+
+
+def clamp_rows(x):
+    return _clamp_rows(x)
+
+
+class CallsHelper(nn.Module):
+    def __init__(self, public: bool):
+        super().__init__()
+        self.public = public
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(clamp_rows(self.a(x)) if self.public else _clamp_rows(self.a(x)))
+
+
+def test_a_private_helper_gets_advice_that_works():
+    x = torch.randn(2, 4)
+    with pytest.raises(simfx.TraceError) as caught:
+        simfx.transform(CallsHelper(public=False), x, frontend="fx")
+    assert "autowrap_functions=[_clamp_rows]" not in str(caught.value)  # fx would skip it
+    assert "call it through a public module-level function" in str(caught.value)
+    # The advice: call it through a public name, and autowrap that.
+    model = CallsHelper(public=True)
+    sim = simfx.transform(model, x, frontend="fx", autowrap_functions=[clamp_rows], blocks=["a"])
+    assert sim.simfx_info.check == "passed"
+    assert_eval_exact(sim, model, x)
 
 
 # --- torch.export frontend --------------------------------------------------------------

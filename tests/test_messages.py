@@ -218,6 +218,85 @@ class InplaceRelu(nn.Module):
         return self.head(self.act(self.conv(x)).mean((2, 3)))
 
 
+
+class SparseGCN(nn.Module):
+    """A graph layer multiplying by a sparse adjacency, as GCNs do: torch.export cannot capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, adjacency):
+        return self.b(torch.sparse.mm(adjacency, self.a(x)))
+
+
+def _clamp_rows(x):
+    return x if x.sum() > 0 else -x
+
+
+class PrivateHelper(nn.Module):
+    """The model's own forward calls a private helper fx cannot trace (autowrap skips '_' names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(_clamp_rows(self.a(x)))
+
+
+class BranchingEncoder(nn.Module):
+    """An encoder fx keeps opaque (it branches on a tensor value), holding two weight layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x) if x.sum() > 0 else layer(-x)
+        return x
+
+
+class OpaqueEncoderOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = BranchingEncoder()
+
+    def forward(self, x):
+        return self.enc(x)
+
+
+class LayerDropConfig(nn.Module):
+    """Hugging Face style: LayerDrop switched on in the config and drawn in the model's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = argparse.Namespace(layerdrop=0.1)
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            if self.training and torch.rand([]) < self.config.layerdrop:
+                continue
+            x = layer(x)
+        return x
+
+
+def _returns_a_cache():
+    import transformers
+
+    class ReturnsCache(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+        def forward(self, x):
+            return self.blocks(x), transformers.DynamicCache()
+
+    simfx.transform(ReturnsCache(), torch.randn(2, 3, 4), frontend="export")
+
+
 # --- triggers ----------------------------------------------------------------------------
 
 
@@ -446,6 +525,24 @@ MESSAGES = {
         _graph_that_cannot_train, simfx.FaithfulnessError, r"training graph for TinyResNet \(fx frontend\) cannot take a training step.*Fix: try frontend='export'"),
     "fully_shard before transform": (
         lambda: simfx.transform(nn.Sequential(_stand_in("FSDPModule"), nn.Conv2d(4, 2, 1)), X), simfx.UnsupportedModelError, r"fully_shard was applied to '0' before simfx\.transform.*Transform first"),
+    "export fails on a cache output": (
+        _with_module("transformers", _returns_a_cache), simfx.TraceError,
+        r"torch\.export could not capture ReturnsCache \(train mode\).*Fix: the forward returns a DynamicCache object.*pass use_cache=False"),
+    "export fails on a sparse op, at the users line": (
+        lambda: simfx.transform(SparseGCN(), (torch.randn(3, 4), torch.eye(3).to_sparse()), frontend="export"), simfx.TraceError,
+        r"torch\.export could not capture SparseGCN \(train mode\) at test_messages\.py:\d+ `return self\.b\(torch\.sparse\.mm\(adjacency, self\.a\(x\)\)\)`.*Fix: torch\.export cannot capture sparse tensor operations; use frontend='fx'"),
+    "export fails on data-dependent control flow, at the users line": (
+        lambda: simfx.transform(DataDependent(), torch.randn(2, 4), frontend="export"), simfx.TraceError,
+        r"could not capture DataDependent \(train mode\) at test_messages\.py:\d+ `return self\.fc\(x\) if x\.sum\(\) > 0 else -x`.*Fix: Python control flow on a tensor's value cannot be exported; rewrite it with torch\.cond"),
+    "fx fails in a private helper: no autowrap of a private name": (
+        lambda: simfx.transform(PrivateHelper(), torch.randn(2, 4), frontend="fx"), simfx.TraceError,
+        r"\A(?!.*autowrap_functions=\[_).*could not trace PrivateHelper\.forward at test_messages\.py:\d+.*Fix: _clamp_rows\(\) cannot go in autowrap_functions, because torch\.fx skips functions whose name starts with '_': call it through a public module-level function .* autowrap_functions=\[helper\]"),
+    "no eligible block: an opaque encoder hides its layers, and why": (
+        lambda: simfx.transform(OpaqueEncoderOnly(), torch.randn(2, 3, 4), frontend="fx"), simfx.NoEligibleBlockError,
+        r"enc \(BranchingEncoder\): produces the model's output\nThese run as one call, so no layer inside them can take SIM:\n  enc \(BranchingEncoder, 2 weight layers\): made opaque: .* at test_messages\.py:\d+ `x = layer\(x\) if x\.sum\(\) > 0 else layer\(-x\)`\nFix: change the code named there"),
+    "a config switching on LayerDrop: the error names the option": (
+        lambda: simfx.transform(LayerDropConfig(), torch.randn(2, 3, 4), frontend="fx"), simfx.FaithfulnessError,
+        r"LayerDropConfig faithfully: the model's own forward draws a random number.*\nNote: LayerDropConfig's config switches on randomness .*: layerdrop=0\.1 \(LayerDrop\).*model\.config\.layerdrop = 0\.0"),
 }
 
 # Raise sites with no message test, by the exception they raise, and why.
@@ -453,6 +550,51 @@ EXEMPT = {
     "SystemExit": "exits with the CLI's return code; tests/test_cli.py covers the CLI's messages",
     "_NodeFailed": "internal: propagate_shapes turns it into the ExampleInputsError tested above",
 }
+
+
+# --- the stack integrations (simfx.integrations.*): each row needs its library --------
+
+
+def _sim_loss_callback(model, **arguments):
+    from types import SimpleNamespace
+
+    from simfx.integrations.transformers import SimLossCallback
+
+    SimLossCallback().on_train_begin(SimpleNamespace(**arguments), None, None, model=model)
+
+
+class DictOutput(TinyResNet):
+    """Returns a dict, as Hugging Face models return ModelOutputs."""
+
+    def forward(self, x):
+        return {"logits": super().forward(x)}
+
+
+MESSAGES.update({
+    "SimLossCallback with a model simfx did not transform": (
+        _with_module("transformers", lambda: _sim_loss_callback(nn.Linear(2, 2))), TypeError,
+        r"SimLossCallback needs the Trainer's model to be a module from simfx\.transform\(\.\.\., loss_in_output=True\); "
+        r"got Linear\. Transform the model"),
+    "SimLossCallback with a model transformed without loss_in_output": (
+        _with_module("transformers", lambda: _sim_loss_callback(_sim())), ValueError,
+        r"SimLossCallback needs simfx\.transform\(\.\.\., loss_in_output=True\): transformers\.Trainer reads the loss"),
+    "SimLossCallback with label smoothing, which ignores outputs.loss": (
+        _with_module("transformers", lambda: _sim_loss_callback(
+            simfx.transform(DictOutput(), X, loss_in_output=True), label_smoothing_factor=0.1)), ValueError,
+        r"label_smoothing_factor=0\.1: .*ignores outputs\.loss, so sim_loss would not be trained\. Pass "
+        r"compute_loss_func=.*outputs\['sim_loss'\]"),
+    "SimDetectionTrainer with multi_scale, which changes the image size": (
+        _with_module("ultralytics", lambda: __import__("simfx.integrations.ultralytics").integrations.ultralytics
+                     .SimDetectionTrainer(overrides={"multi_scale": 0.5})), ValueError,
+        r"SimDetectionTrainer does not support multi_scale=0\.5: the SIM graph is captured at one image size\. "
+        r"Train without it"),
+    "a name simfx.integrations.transformers does not have": (
+        lambda: __import__("simfx.integrations.transformers").integrations.transformers.Trainer, AttributeError,
+        r"module 'simfx\.integrations\.transformers' has no attribute 'Trainer'"),
+    "a name simfx.integrations.ultralytics does not have": (
+        lambda: __import__("simfx.integrations.ultralytics").integrations.ultralytics.SegmentationTrainer,
+        AttributeError, r"module 'simfx\.integrations\.ultralytics' has no attribute 'SegmentationTrainer'"),
+})
 
 
 def _attach_over_existing():

@@ -7,6 +7,7 @@ with the model itself in eval mode.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -195,3 +196,54 @@ def test_a_cache_output_export_cannot_capture_is_explained():
 
     with pytest.raises(simfx.TraceError, match=r"returns a DynamicCache object.*pass use_cache=False"):
         simfx.transform(ReturnsCache(), torch.randn(2, 4, 8), frontend="export")
+
+
+# --- wav2vec2: training-time randomness in Python ----------------------------------------------------------
+
+
+def _wav2vec2(**config):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Wav2Vec2Config(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, **config,
+    )
+    return transformers.Wav2Vec2ForCTC(config), {"input_values": torch.randn(2, 800)}
+
+
+@pytest.mark.slow
+def test_wav2vec2_layerdrop_is_drawn_every_step_with_the_encoder_as_one_block():
+    # Dropout off, so the output varies only with LayerDrop's draws; SpecAugment off (see the next test).
+    no_dropout = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+                      final_dropout=0.0)
+    model, inputs = _wav2vec2(mask_time_prob=0.0, layerdrop=0.5, **no_dropout)
+    sim = simfx.transform(model, inputs, frontend="fx")  # auto: the same, after trying export (which refuses)
+    # The encoder draws `torch.rand([]) < layerdrop` in Python each step: it runs as one call of its own code.
+    assert sim.simfx_info.plan.names == ["wav2vec2.encoder"] and sim.simfx_info.check == "passed"
+    outputs = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        out, loss = sim(**inputs)
+        torch.manual_seed(seed)
+        assert torch.equal(out.logits, model(**inputs).logits) and loss > 0  # the model's own draw, each step
+        outputs.add(round(float(out.logits.detach().sum()), 3))
+    assert len(outputs) >= 2  # the layers kept differ from step to step: nothing was frozen at trace time
+    _trains_and_evaluates(sim, model, inputs)
+
+    # Without LayerDrop the encoder's layers are traced, and each takes SIM.
+    model, inputs = _wav2vec2(mask_time_prob=0.0, layerdrop=0.0)
+    sim = simfx.transform(model, inputs, frontend="export")
+    assert {"wav2vec2.encoder.layers.0", "wav2vec2.encoder.layers.1"} <= set(sim.simfx_info.plan.names)
+
+
+def test_wav2vec2_with_defaults_says_why_no_block_can_take_sim_and_what_to_change():
+    # SpecAugment (mask_time_prob=0.05) draws its masks with NumPy from shapes in Wav2Vec2Model's own forward:
+    # no trace keeps that, so the whole Wav2Vec2Model runs as one call and hides every layer.
+    model, inputs = _wav2vec2()
+    with pytest.raises(simfx.NoEligibleBlockError) as caught:
+        simfx.transform(model, inputs, frontend="fx")
+    message = str(caught.value)
+    assert re.search(r"wav2vec2 \(Wav2Vec2Model, \d+ weight layers\): made opaque: .* at modeling_wav2vec2\.py:\d+ "
+                     r"`if mask_length > sequence_length:`", message), message
+    assert "mask_time_prob=0.05 (SpecAugment time masks), layerdrop=0.1 (LayerDrop)" in message
+    assert "model.config.mask_time_prob = 0.0" in message

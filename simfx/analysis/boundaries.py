@@ -69,6 +69,7 @@ class Boundary:
             the ``primary_input``/``primary_output`` options (a position in these).
         residual: the region ends in a residual add of its own.
         opaque: a leaf module kept opaque by a registration (one graph node).
+        opaque_reason: why the capture kept it opaque (``find_boundaries``' list of opaque modules).
         produces_output: ``y`` is (part of) the model's output.
         has_weight: owns a parameter with 2+ dims (conv, linear, attention).
         weight_layers: how many conv/linear-like layers the region applies.
@@ -95,6 +96,7 @@ class Boundary:
     eligible: bool = True
     reason: str = ""
     module_name: str | None = field(default=None, compare=False)
+    opaque_reason: str = field(default="", compare=False)
     inputs: tuple[Port, ...] = ()
     outputs: tuple[Port, ...] = ()
 
@@ -366,6 +368,7 @@ def find_candidates(traced: TracedModel, shapes: GraphShapes) -> list[Boundary]:
     candidates = []
     for frame, region in frame_regions.items():
         module = facts.module(frame.name)
+        is_opaque = frame.name in opaque and region.nodes[0].op == "call_module"
         candidates.append(
             _make_boundary(
                 name=frame.key,
@@ -374,10 +377,11 @@ def find_candidates(traced: TracedModel, shapes: GraphShapes) -> list[Boundary]:
                 region=region,
                 facts=facts,
                 residual=frame in owned or _sums_branches_of_entry(region, facts, frame),
-                opaque=frame.name in opaque and region.nodes[0].op == "call_module",
+                opaque=is_opaque,
                 has_weight=module is not None and any(p.dim() >= 2 for p in module.parameters()),
                 container_child=_parent_is_container(frame.name, facts),
                 module_name=frame.name,
+                opaque_reason=opaque[frame.name] if is_opaque else "",
             )
         )
     for name, region in standalone:
@@ -480,17 +484,25 @@ def _analyse_region(nodes: list[fx.Node], facts: _GraphFacts) -> _Region:
 
 
 def _leaving_tensors(node: fx.Node, inside: set, facts: _GraphFacts) -> list[fx.Node]:
-    """``node`` if it is a tensor; for a tuple, the elements read outside (their ``getitem`` nodes)."""
+    """``node`` if it is a tensor; for a tuple, the elements read outside (their ``getitem`` nodes).
+
+    What an opaque module returns in a container (a dict, Hugging Face's
+    ``ModelOutput``: ``out[0]``, ``out["last_hidden_state"]``, ``out.last_hidden_state``)
+    counts by the tensors read from it, in graph order.
+    """
     if facts.tensor_meta(node) is not None:
         return [node]
-    if not isinstance(facts.metas.get(node.name), tuple):
-        return []
-    items = [
+    read = [
         u for u in node.users
-        if u not in inside and u in facts.live and u.op == "call_function" and u.target is operator.getitem
-        and isinstance(u.args[1], int) and facts.tensor_meta(u) is not None
+        if u not in inside and u in facts.live and u.op == "call_function" and u.args and u.args[0] is node
+        and facts.tensor_meta(u) is not None
     ]
-    return sorted(items, key=lambda u: u.args[1])
+    if isinstance(facts.metas.get(node.name), tuple):
+        items = [u for u in read if u.target is operator.getitem and isinstance(u.args[1], int)]
+        return sorted(items, key=lambda u: u.args[1])
+    if node.op == "call_module":
+        return sorted((u for u in read if u.target in (operator.getitem, getattr)), key=facts.order.__getitem__)
+    return []
 
 
 def _usable(meta: TensorMeta | None, facts: _GraphFacts) -> bool:
@@ -663,7 +675,7 @@ def _parent_is_container(name: str, facts: _GraphFacts) -> bool:
 
 
 def _make_boundary(*, name, kind, module_type, region: _Region, facts: _GraphFacts, residual, opaque,
-                   has_weight, container_child, module_name) -> Boundary:
+                   has_weight, container_child, module_name, opaque_reason: str = "") -> Boundary:
     entry, exit_ = region.entry, region.exit
     in_meta = facts.tensor_meta(entry) if entry is not None else None
     out_meta = facts.tensor_meta(exit_) if exit_ is not None else None
@@ -712,6 +724,7 @@ def _make_boundary(*, name, kind, module_type, region: _Region, facts: _GraphFac
         eligible=not reason,
         reason=reason,
         module_name=module_name,
+        opaque_reason=opaque_reason,
         inputs=ports_in,
         outputs=ports_out,
     )

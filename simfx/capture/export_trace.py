@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import operator
 import re
+import sys
 import warnings
 
 import torch
@@ -83,7 +84,7 @@ def export_model(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
     args = inputs.tensors if bound is not None else tuple(inputs.args)
     names = {id(m): name for name, m in model.named_modules()}
     names[id(root)] = ""
-    recorder = TraceRecorder(lambda: "", names)
+    recorder = TraceRecorder(lambda: _module_on_stack(names), names)
     # export warns about tensors a forward caches on modules; preserved_module_state undoes them.
     with preserved_module_state(model), hooks_suppressed(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
@@ -114,6 +115,17 @@ def export_model(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
         frontend="export",
         flag_readers={name: (where, "", value) for name, (where, _, value) in recorder.flag_readers.items()},
     )
+
+
+def _module_on_stack(names: dict[int, str]) -> str:
+    """The qualified name of the innermost module whose method is running (export keeps no scope of its own)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self") if frame.f_code.co_argcount else None
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            return names[id(owner)]
+        frame = frame.f_back
+    return ""
 
 
 def _export_function():
@@ -166,8 +178,8 @@ def _export_fix(error: BaseException) -> str:
         )
     if "sparse" in text.lower():
         return (
-            "export cannot capture sparse tensor operations; use frontend='fx' and keep the module doing them "
-            "opaque with leaf_modules=[...]."
+            "torch.export cannot capture sparse tensor operations; use frontend='fx', which records them as "
+            "calls (with leaf_modules=[...] for a submodule fx cannot trace)."
         )
     if re.search(r"data.dependent|GuardOnDataDependent|Could not guard on", text):
         return (

@@ -144,6 +144,16 @@ class _ScopeTracer(fx.Tracer):
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
         self.scopes[node.name] = tuple(self._scope)
+        source = node.args[0] if node.target is getattr and node.args else None
+        if isinstance(source, fx.Node) and source.op == "call_module":
+            # fx makes the node of an attribute read (``out.last_hidden_state`` on what an
+            # opaque module returned) when the value is first used, often inside the next
+            # module call: it belongs to a scope both the read and the module's result share.
+            shared = self.scopes.get(source.name, ())
+            common = 0
+            while common < min(len(shared), len(self._scope)) and shared[common] == self._scope[common]:
+                common += 1
+            self.scopes[node.name] = tuple(self._scope[:common])
         if not torch.is_grad_enabled():
             self.no_grad.add(node.name)
         return node
@@ -291,7 +301,9 @@ def _trace_with_opaque_retries(make_tracer, root, model, names, auto_opaque: boo
                     f"for the untraceable classes, or frontend='export'.",
                     error.module_name, error.module_type, error.cause,
                 ) from error
-            made_opaque[error.module_name] = f"made opaque: {_first_sentence(error.cause)}"
+            # The user's line fx failed on (the TraceError is raised from fx's own error).
+            where = frame_location(user_frame(error.__cause__)) if error.__cause__ is not None else ""
+            made_opaque[error.module_name] = f"made opaque: {_first_sentence(error.cause)}{where}"
 
 
 def _first_sentence(text: str, limit: int = 120) -> str:
@@ -318,13 +330,7 @@ def _trace_error(error: Exception, scope: tuple[ScopeFrame, ...], model: nn.Modu
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     frame = user_frame(error)
     where = frame_location(frame)
-    # A failure inside a free function (not a forward) is best fixed by wrapping it;
-    # fx's autowrap skips names starting with an underscore, so those cannot be wrapped.
-    helper = frame.name if frame and frame.name not in ("forward", "<module>", "<lambda>") else None
-    if helper and not helper.startswith("_"):
-        wrap_hint = f"autowrap_functions=[{helper}] records each call to {helper}() as one graph node"
-    else:
-        wrap_hint = "if the failing code is a call to a public module-level function, pass autowrap_functions=[that_function]"
+    wrap_hint = _wrap_hint(error, frame)
     if scope:
         failing = scope[-1]
         cls = failing.type
@@ -342,6 +348,36 @@ def _trace_error(error: Exception, scope: tuple[ScopeFrame, ...], model: nn.Modu
         f"a submodule and pass leaf_modules=[ThatModule] if wrapping is not possible, or use frontend='export'."
     )
     return TraceError(message, "", type(model), first_line)
+
+
+def _wrap_hint(error: Exception, frame) -> str:
+    """How autowrap_functions can help with a failure on the user's line ``frame``.
+
+    A failure inside a free function is best fixed by recording each call to it as
+    one node. fx's autowrap only patches module-level functions, and skips names
+    starting with an underscore, so a private helper needs a public name first.
+    """
+    generic = "if the failing code is a call to a public module-level function, pass autowrap_functions=[that_function]"
+    if frame is None or frame.name.startswith("<") or frame.name == "forward" or _is_method(error, frame):
+        return generic
+    if frame.name.startswith("_"):
+        return (
+            f"{frame.name}() cannot go in autowrap_functions, because torch.fx skips functions whose name starts "
+            f"with '_': call it through a public module-level function (def helper(*args): return "
+            f"{frame.name}(*args), called by that name) and pass autowrap_functions=[helper]"
+        )
+    return f"autowrap_functions=[{frame.name}] records each call to {frame.name}() as one graph node"
+
+
+def _is_method(error: Exception, frame) -> bool:
+    """The failing function is a method (its first parameter is ``self``): autowrap cannot record methods."""
+    tb = error.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename == frame.filename and code.co_name == frame.name:
+            return code.co_argcount > 0 and code.co_varnames[0] == "self"
+        tb = tb.tb_next
+    return False
 
 
 def _from_graph_module(gm: fx.GraphModule, inputs: ExampleInputs | None) -> TracedModel:

@@ -20,7 +20,9 @@ from torch.utils import _pytree as pytree
 
 from ..errors import ExampleInputsError
 
-__all__ = ["ExampleInputs", "CallTemplate", "example_inputs", "bound_forward_class", "training_inputs"]
+__all__ = [
+    "ExampleInputs", "CallTemplate", "example_inputs", "bound_forward_class", "training_inputs", "randomness_note",
+]
 
 
 @dataclass(frozen=True)
@@ -255,3 +257,43 @@ def training_inputs(model: nn.Module, inputs: ExampleInputs) -> tuple[ExampleInp
     if not added:
         return inputs, {}
     return ExampleInputs(inputs.args, {**inputs.kwargs, **added}), added
+
+
+# Training-time randomness Hugging Face configs switch on and forwards draw in Python:
+# SpecAugment masks (NumPy draws on shapes) and LayerDrop (``if torch.rand([]) < p:
+# skip the layer``). No trace keeps a Python branch on a fresh draw, so fx runs the
+# modules doing it as one call and torch.export refuses it.
+TRAINING_RANDOMNESS: Mapping[str, str] = {
+    "mask_time_prob": "SpecAugment time masks",
+    "mask_feature_prob": "SpecAugment feature masks",
+    "layerdrop": "LayerDrop",
+    "encoder_layerdrop": "LayerDrop",
+    "decoder_layerdrop": "LayerDrop",
+}
+
+
+def randomness_note(model: nn.Module) -> str:
+    """A note naming the config options of ``model`` that switch on :data:`TRAINING_RANDOMNESS`, or "".
+
+    >>> import types
+    >>> model = nn.Linear(2, 2)
+    >>> model.config = types.SimpleNamespace(layerdrop=0.1, mask_time_prob=0.0)
+    >>> note = randomness_note(model)
+    >>> "layerdrop=0.1 (LayerDrop)" in note, "mask_time_prob" in note
+    (True, False)
+    """
+    config = getattr(model, "config", None)
+    found = {
+        name: value for name in TRAINING_RANDOMNESS
+        if isinstance(value := getattr(config, name, None), (int, float)) and not isinstance(value, bool) and value > 0
+    }
+    if not found:
+        return ""
+    shown = ", ".join(f"{name}={value!r} ({TRAINING_RANDOMNESS[name]})" for name, value in found.items())
+    first = next(iter(found))
+    return (
+        f"Note: {type(model).__name__}'s config switches on randomness its forward draws in Python in training: "
+        f"{shown}. No trace keeps that, so fx runs the modules drawing it as one call (their layers cannot take "
+        f"SIM) and torch.export refuses it. Setting them to 0.0 before transforming "
+        f"(model.config.{first} = 0.0) lets simfx trace into those modules; it changes your training recipe."
+    )

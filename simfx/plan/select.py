@@ -498,18 +498,24 @@ def _nothing_selected(candidates: Sequence[Boundary], decisions: Mapping[str, st
         )
     else:
         head = "no eligible block: the selection left no block that can take SIM."
-    hiding = [b.name for b in candidates if b.opaque and b.weight_layers >= 2]
+    # An opaque module holding layers is why its layers are not candidates: say why it is opaque.
+    hiding = [b for b in candidates if b.opaque and b.weight_layers >= 2]
+    hidden = "".join(
+        f"  {b.name} ({b.type_name}, {b.weight_layers} weight layers): {b.opaque_reason or 'kept opaque'}\n"
+        for b in hiding[:4]
+    )
     fixes = []
     if hiding:
+        hidden = f"These run as one call, so no layer inside them can take SIM:\n{hidden}"
         fixes.append(
-            f"{', '.join(repr(n) for n in hiding[:4])} run as one call and hide their layers: "
-            f"frontend='export' traces into them"
+            "change the code named there so it traces (or keep it out of the training forward), or try "
+            "frontend='export', which traces into modules fx keeps opaque"
         )
-    usable = [b.name for b in candidates if b.eligible and not b.produces_output]
+    usable = [b.name for b in candidates if b.eligible and not b.produces_output and b.has_weight]
     if usable:
         fixes.append(f"name blocks yourself, e.g. blocks={usable[:3]!r}")
     fixes.append("pass blocks=[...] with module classes or names of blocks that have one tensor in and one out")
-    return f"{head} Candidates and why each was rejected:\n{shown}\nFix: " + "; or ".join(fixes) + "."
+    return f"{head} Candidates and why each was rejected:\n{shown}\n{hidden}Fix: " + "; or ".join(fixes) + "."
 
 
 def _unique_keys(names: Iterable[str]) -> list[str]:
