@@ -6,7 +6,9 @@ For each model, process CPU time of
 * the same with the batch axis of every input tensor symbolic (``Dim.AUTO``), as
   simfx exports so that the transformed module takes any batch size;
 * ``simfx.transform(model, example, frontend="export")``, with and without the
-  transform-time check (``check=False``), and its time per stage.
+  transform-time check (``check=False``), and its time per stage;
+* ``simfx.transform(model, example)`` (``frontend="auto"``: fx first, export when
+  fx cannot capture the model), what a user gets with defaults.
 
 Medians over ``--repeats`` runs after one warm-up of each (the first export in a
 process pays one-time costs), with a garbage collection before each run so one
@@ -18,6 +20,14 @@ measures waiting for a core. The flags simfx passes in training
     python benchmarks/export_time.py                 # the table, into benchmarks/results/export_time.{json,md}
     python benchmarks/export_time.py --models bert-2x32 --repeats 3
     python benchmarks/export_time.py --quick         # one repeat of the smallest model (a smoke test)
+
+``--transform-only`` times the plain exports and the export-frontend transform alone
+(no stages, no ``check=False`` or auto column), so the same table can be measured for
+an older simfx put first on the path (what the issue measured, before the export
+frontend captured once):
+
+    git archive ff6c659 simfx | tar -x -C /tmp/simfx-ff6c659
+    PYTHONPATH=/tmp/simfx-ff6c659 python benchmarks/export_time.py --transform-only --stem export_time-ff6c659
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import importlib
 import inspect
 import sys
 import time
+import warnings
 from collections import defaultdict
 from contextlib import ExitStack
 from datetime import datetime
@@ -80,11 +91,28 @@ MODELS: dict[str, Callable[[], tuple[torch.nn.Module, Any]]] = {
 
 
 def _call(model, example) -> tuple[tuple, dict]:
-    """The example as ``(args, kwargs)``, with the flags simfx passes in training."""
-    from simfx.capture.inputs import example_inputs, training_inputs
+    """The example as ``(args, kwargs)``, with the flags simfx passes in training (``use_cache=False``)."""
+    try:
+        from simfx.capture.inputs import TRAINING_FLAGS
+    except ImportError:  # an older simfx (--transform-only) passed none: give its transform today's flags
+        TRAINING_FLAGS = {"use_cache": False}
+    if isinstance(example, dict):
+        args, kwargs = (), dict(example)
+    else:
+        args, kwargs = (example if isinstance(example, tuple) else (example,)), {}
+    parameters = list(inspect.signature(type(model).forward).parameters)[1:]
+    given = set(parameters[: len(args)]) | set(kwargs)
+    kwargs.update({k: v for k, v in TRAINING_FLAGS.items() if k in parameters and k not in given})
+    return args, kwargs
 
-    inputs, _ = training_inputs(model, example_inputs(example, model, "export_time"))
-    return tuple(inputs.args), dict(inputs.kwargs)
+
+def _keywords(model, example) -> Any:
+    """The example with every argument by keyword (a form every simfx version takes), or as it is."""
+    args, kwargs = _call(model, example)
+    if not kwargs:
+        return example
+    parameters = list(inspect.signature(type(model).forward).parameters)[1:]
+    return {**dict(zip(parameters, args)), **kwargs}
 
 
 def _batch_dynamic(model, args: tuple, kwargs: dict) -> dict:
@@ -121,9 +149,13 @@ def plain_export_seconds(model, example, dynamic_batch: bool = False) -> float:
     return _cpu_seconds(lambda: torch.export.export(model.train(), args, kwargs, dynamic_shapes=shapes, strict=False))
 
 
-def transform_seconds(model, example, check: bool = True) -> tuple[float, dict[str, float]]:
-    """CPU seconds of ``simfx.transform(model, example, frontend="export")``, in all and per stage."""
+def transform_seconds(model, example, check: bool = True, frontend: str = "export") -> tuple[float, dict[str, float]]:
+    """CPU seconds of ``simfx.transform(model, example, frontend=frontend)``, in all and per stage."""
     import simfx
+
+    if check is None:  # --transform-only: the call every simfx version takes, no stages
+        example = _keywords(model, example)
+        return _cpu_seconds(lambda: simfx.transform(model, example, frontend="export")), {}
 
     stages: dict[str, float] = defaultdict(float)
 
@@ -140,37 +172,43 @@ def transform_seconds(model, example, check: bool = True) -> tuple[float, dict[s
         for stage, (module_name, attribute) in STAGES.items():
             module = importlib.import_module(module_name)
             stack.enter_context(mock.patch.object(module, attribute, timed(stage, getattr(module, attribute))))
-        total = _cpu_seconds(lambda: simfx.transform(model, example, frontend="export", check=check))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # auto's notes about opaque modules, once per model is enough
+            total = _cpu_seconds(lambda: simfx.transform(model, example, frontend=frontend, check=check))
     return total, dict(stages)
 
 
-def measure(names, repeats: int, log=print) -> list[dict]:
+def measure(names, repeats: int, log=print, transform_only: bool = False) -> list[dict]:
     rows = []
     for name in names:
         model, example = MODELS[name]()
+        check = None if transform_only else True
         # Warm-ups: the first export and the first transform in a process pay one-time costs.
         plain_export_seconds(model, example)
         plain_export_seconds(model, example, dynamic_batch=True)
-        transform_seconds(model, example)
-        plain, dynamic, runs, unchecked = [], [], [], []
+        transform_seconds(model, example, check=check)
+        plain, dynamic, runs, unchecked, auto = [], [], [], [], []
         for _ in range(repeats):  # interleaved, so a change of load hits every column alike
             plain.append(plain_export_seconds(model, example))
             dynamic.append(plain_export_seconds(model, example, dynamic_batch=True))
-            runs.append(transform_seconds(model, example))
-            unchecked.append(transform_seconds(model, example, check=False)[0])
+            runs.append(transform_seconds(model, example, check=check))
+            if not transform_only:
+                unchecked.append(transform_seconds(model, example, check=False)[0])
+                auto.append(transform_seconds(model, example, frontend="auto")[0])
+        base = max(median(plain), 1e-9)
         row = {
             "model": name,
             "params": sum(p.numel() for p in model.parameters()),
-            "plain_export_s": round(median(plain), 3),
-            "plain_export_dynamic_batch_s": round(median(dynamic), 3),
-            "transform_s": round(median(r[0] for r in runs), 3),
-            "transform_no_check_s": round(median(unchecked), 3),
-            "stages_s": {s: round(median(r[1].get(s, 0.0) for r in runs), 3) for s in STAGES},
+            "plain_export_s": _rounded(plain),
+            "plain_export_dynamic_batch_s": _rounded(dynamic),
+            "transform_s": _rounded([r[0] for r in runs]),
+            "transform_no_check_s": _rounded(unchecked),
+            "transform_auto_s": _rounded(auto),
+            "stages_s": {s: _rounded([r[1][s] for r in runs if s in r[1]]) for s in STAGES},
+            "ratio": _rounded([r[0] for r in runs], base, 2),
+            "ratio_no_check": _rounded(unchecked, base, 2),
+            "ratio_dynamic_batch": _rounded([r[0] for r in runs], median(dynamic), 2),
         }
-        base = max(row["plain_export_s"], 1e-9)
-        row["ratio"] = round(row["transform_s"] / base, 2)
-        row["ratio_no_check"] = round(row["transform_no_check_s"] / base, 2)
-        row["ratio_dynamic_batch"] = round(row["transform_s"] / max(row["plain_export_dynamic_batch_s"], 1e-9), 2)
         rows.append(row)
         log(f"{name}: plain export {row['plain_export_s']} s ({row['plain_export_dynamic_batch_s']} s with a "
             f"dynamic batch), transform {row['transform_s']} s ({row['transform_no_check_s']} s with check=False): "
@@ -179,16 +217,26 @@ def measure(names, repeats: int, log=print) -> list[dict]:
     return rows
 
 
+def _rounded(values: list[float], per: float = 1.0, digits: int = 3) -> float | None:
+    """The median of ``values`` over ``per``, rounded; None for a column not measured."""
+    return round(median(values) / max(per, 1e-9), digits) if values else None
+
+
+def _cell(value, unit: str = "") -> str:
+    return "-" if value is None else f"{value}{unit}"
+
+
 def to_markdown(rows: list[dict]) -> str:
     header = ["model", "params", "plain export (s)", "plain export, dynamic batch (s)", "simfx transform (s)",
               "transform, check=False (s)", "ratio", "ratio, check=False", "ratio vs dynamic-batch export",
-              *(f"{s} (s)" for s in STAGES)]
+              "transform, frontend='auto' (s)", *(f"{s} (s)" for s in STAGES)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["model"], f"{r['params']:,}", str(r["plain_export_s"]), str(r["plain_export_dynamic_batch_s"]),
-            str(r["transform_s"]), str(r["transform_no_check_s"]), f"{r['ratio']}x", f"{r['ratio_no_check']}x",
-            f"{r['ratio_dynamic_batch']}x", *(str(r["stages_s"][s]) for s in STAGES)]) + " |")
+            r["model"], f"{r['params']:,}", *(_cell(r[k]) for k in (
+                "plain_export_s", "plain_export_dynamic_batch_s", "transform_s", "transform_no_check_s")),
+            *(_cell(r[k], "x") for k in ("ratio", "ratio_no_check", "ratio_dynamic_batch")),
+            _cell(r["transform_auto_s"]), *(_cell(r["stages_s"][s]) for s in STAGES)]) + " |")
     return "\n".join(lines)
 
 
@@ -199,11 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one repeat of bert-2x32 only")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--stem", default=None, help="result file name (default export_time, export_time-quick)")
+    parser.add_argument("--transform-only", action="store_true",
+                        help="time the transform alone (no stages, check=False or auto): works with older simfx")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     names, repeats = (["bert-2x32"], 1) if args.quick else (args.models, args.repeats)
     started, load_before = datetime.now(), load_average()
-    rows = measure(names, repeats)
+    rows = measure(names, repeats, transform_only=args.transform_only)
     meta = run_meta("export_time.py", argv, started, load_before)
     markdown = "\n".join([
         *markdown_header(meta, f"process CPU seconds, medians of {repeats} after a warm-up, one torch thread"),
