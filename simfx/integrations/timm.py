@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from .capture.registry import AUTOWRAP_FUNCTIONS, LEAF_MODULES
+from ..capture.registry import AUTOWRAP_FUNCTIONS, LEAF_MODULES
 
 __all__: list[str] = []
 
