@@ -8,12 +8,15 @@ network.
 :func:`log_block_losses` and :class:`BlockLossMeter` report the per-block losses
 a transform built with ``per_block=True`` returns. They keep values on the
 device and read them back to the host only when asked to log, so a training
-loop pays no synchronisation per step.
+loop pays no synchronisation per step. Given a TensorBoard ``SummaryWriter``
+they write one scalar per block; :func:`add_block_loss_chart` adds a chart that
+draws every block's curve together.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -22,7 +25,7 @@ from torch import Tensor, nn
 
 from .runtime.module import NAMESPACE
 
-__all__ = ["WeightStd", "weight_std", "log_block_losses", "BlockLossMeter"]
+__all__ = ["WeightStd", "weight_std", "log_block_losses", "BlockLossMeter", "add_block_loss_chart"]
 
 
 # --- weight spread --------------------------------------------------------------
@@ -223,3 +226,30 @@ class BlockLossMeter:
         values = log_block_losses(self.compute(), step, logger=logger, writer=writer, prefix=prefix)
         self.reset()
         return values
+
+
+def add_block_loss_chart(writer: Any, prefix: str = "sim/", *, title: str = "SIM loss per block") -> None:
+    """Add a TensorBoard chart drawing the curve of every block logged under ``prefix``.
+
+    :func:`log_block_losses` and :meth:`BlockLossMeter.log` write one scalar per
+    block (``sim/layer1.0``, ``sim/layer1.1``, ...), which TensorBoard's Scalars tab
+    shows as one chart each. This writes a layout for its Custom Scalars tab: one
+    multi-line chart, in the category ``simfx``, matching every tag that starts
+    with ``prefix``, so blocks whose names are not known yet appear too. Call it
+    once per writer (TensorBoard keeps one layout per run).
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (anything with
+            ``add_custom_scalars(layout)``).
+        prefix: the tag prefix the losses are logged with.
+        title: the chart's title.
+
+    >>> class Writer:                                   # stands in for a SummaryWriter
+    ...     def add_custom_scalars(self, layout): self.layout = layout
+    >>> writer = Writer()
+    >>> add_block_loss_chart(writer)
+    >>> writer.layout
+    {'simfx': {'SIM loss per block': ['Multiline', ['^sim/.*']]}}
+    """
+    # TensorBoard reads a multi-line chart's tags as regular expressions.
+    writer.add_custom_scalars({"simfx": {title: ["Multiline", [f"^{re.escape(prefix)}.*"]]}})

@@ -563,6 +563,14 @@ def _sim_loss_callback(model, **arguments):
     SimLossCallback().on_train_begin(SimpleNamespace(**arguments), None, None, model=model)
 
 
+def _old_ultralytics(monkeypatch):
+    ultralytics = pytest.importorskip("ultralytics")
+    from simfx.integrations.ultralytics import SimDetectionTrainer
+
+    monkeypatch.setattr(ultralytics, "__version__", "8.4.0")
+    SimDetectionTrainer()
+
+
 class DictOutput(TinyResNet):
     """Returns a dict, as Hugging Face models return ModelOutputs."""
 
@@ -588,6 +596,8 @@ MESSAGES.update({
                      .SimDetectionTrainer(overrides={"multi_scale": 0.5})), ValueError,
         r"SimDetectionTrainer does not support multi_scale=0\.5: the SIM graph is captured at one image size\. "
         r"Train without it"),
+    "SimDetectionTrainer with an Ultralytics older than 8.4.104": (
+        _old_ultralytics, ImportError, r"SimDetectionTrainer needs ultralytics>=8\.4\.104 .*found 8\.4\.0\. Upgrade: pip install -U ultralytics"),
     "a name simfx.integrations.transformers does not have": (
         lambda: __import__("simfx.integrations.transformers").integrations.transformers.Trainer, AttributeError,
         r"module 'simfx\.integrations\.transformers' has no attribute 'Trainer'"),

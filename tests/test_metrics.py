@@ -165,3 +165,48 @@ def test_meter_over_real_training_steps_matches_per_step_values():
 def test_metrics_docstring_examples_run():
     failures, tried = doctest.testmod(simfx.metrics, optionflags=doctest.ELLIPSIS)[:2]
     assert tried > 0 and failures == 0
+
+
+# --- TensorBoard: what a SummaryWriter gets, read back from its event files ----------------
+
+
+def _read_events(log_dir):
+    """Scalars ``{tag: [(step, value), ...]}`` and the custom-scalars layout of a TensorBoard run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    layout = layout_pb2.Layout()
+    if "custom_scalars__config__" in events.Tags()["tensors"]:
+        layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    return scalars, layout
+
+
+def test_readme_block_writes_per_block_losses_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    import torch.nn.functional as F
+
+    from readme_blocks import run_readme_block
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(24, 3, 16, 16, generator=g), torch.randint(0, 5, (24,), generator=g))
+    sim = simfx.transform(TinyResNet(), torch.randn(2, 3, 16, 16), per_block=True)
+    steps = []  # each training step's per-block losses, as the forward returned them
+    sim.register_forward_hook(lambda module, args, output: steps.append(log_block_losses(output[2])))
+    run_readme_block("tensorboard", simfx=simfx, F=F, sim=sim, log_dir=str(tmp_path), log_every=3,
+                     loader=torch.utils.data.DataLoader(data, batch_size=4),
+                     optimizer=torch.optim.SGD(sim.parameters(), lr=0.05))
+
+    scalars, layout = _read_events(tmp_path)
+    blocks = ["blocks.0", "blocks.1", "blocks.2"]
+    assert len(steps) == 6 and sorted(scalars) == [f"sim/{b}" for b in blocks]
+    for block in blocks:
+        assert [step for step, _ in scalars[f"sim/{block}"]] == [3, 6]  # one point per window of three steps
+        for step, value in scalars[f"sim/{block}"]:
+            window = [s[block] for s in steps[step - 3:step]]
+            assert value == pytest.approx(sum(window) / 3, rel=1e-5) and value > 0
+    (category,) = layout.category  # add_block_loss_chart: one multi-line chart over every sim/ tag
+    assert category.title == "simfx" and category.chart[0].title == "SIM loss per block"
+    assert list(category.chart[0].multiline.tag) == ["^sim/.*"]
