@@ -154,3 +154,174 @@ def test_under_torch_compile_norm_mse_is_the_plain_expression(monkeypatch):
     assert "NormMSE" in type(norm_mse(prediction, target).grad_fn).__name__
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert "NormMSE" not in type(norm_mse(prediction, target).grad_fn).__name__
+
+
+# --- rho_sim + norm_mse as one node (simfx.runtime.fused) ------------------------------------
+
+from simfx.runtime import fused, heads  # noqa: E402
+from simfx.runtime.objectives import RhoSim  # noqa: E402
+from simfx.runtime.tokens import draw_index, sampled_input_tokens  # noqa: E402
+
+
+def _tokens(batch, k, width, *, channel_first, dtype=torch.float64, grad=False):
+    """Sampled tokens as the head passes them: a transposed view for channel-first maps."""
+    t = torch.randn(batch, width, k, dtype=dtype).transpose(1, 2) if channel_first else torch.randn(
+        batch, k, width, dtype=dtype)
+    return t.requires_grad_(grad)
+
+
+def _value_and_grads(loss, y_tokens, objective):
+    return loss, torch.autograd.grad(loss, [y_tokens, *objective.parameters()])
+
+
+@pytest.mark.parametrize("widths", [(8, 8), (8, 12), (12, 8)], ids=["same", "wider-out", "narrower-out"])
+@pytest.mark.parametrize("rows", [(3, 5), (6, 50)], ids=["few-rows", "folded-rows"])  # B*k >= 2d folds Wp W3
+@pytest.mark.parametrize("channel_first", [True, False])
+def test_fused_rho_sim_equals_the_module_expression_in_value_and_gradient(widths, rows, channel_first):
+    cin, cout = widths
+    objective = RhoSim(cin, cout, dim=16).double()
+    x = _tokens(*rows, cin, channel_first=channel_first)
+    y = _tokens(*rows, cout, channel_first=channel_first, grad=True)
+    fast = fused.rho_sim_norm_mse(objective, x, y)
+    assert type(fast.grad_fn).__name__ == "_RhoSimNormMSEBackward"
+    reference = objective(x, y)  # RhoSim.forward: the plain autograd expression
+    got, want = _value_and_grads(3.5 * fast, y, objective), _value_and_grads(3.5 * reference, y, objective)
+    _assert_same_loss_and_gradients(got, want)
+
+
+def _assert_same_loss_and_gradients(got, want):
+    # The loss maths runs in float32 in both (DESIGN step 6), so they agree to float32's
+    # rounding of O(1) values (the last two biases' gradients are that rounding noise
+    # alone: 0 in exact maths, see conftest).
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+    for g, h in zip(got[1], want[1]):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_gradients_accumulate_over_repeated_backward_and_refuse_double_backward():
+    objective = RhoSim(6, 6, dim=8).double()
+    x, y = _tokens(2, 7, 6, channel_first=True), _tokens(2, 7, 6, channel_first=True, grad=True)
+    loss = fused.rho_sim_norm_mse(objective, x, y)
+    loss.backward(retain_graph=True)
+    once = [p.grad.clone() for p in objective.parameters()]
+    (2 * loss).backward(retain_graph=True)
+    for p, g in zip(objective.parameters(), once):
+        torch.testing.assert_close(p.grad, 3 * g)
+    (grad,) = torch.autograd.grad(loss, y, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
+
+
+def test_fused_path_without_gradients_gives_the_same_value():
+    objective = RhoSim(6, 9, dim=8).double()
+    x, y = _tokens(2, 7, 6, channel_first=False), _tokens(2, 7, 9, channel_first=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.rho_sim_norm_mse(objective, x, y), objective(x, y), rtol=1e-6, atol=1e-7)
+
+
+def _without_fast_path(monkeypatch):
+    monkeypatch.setattr(heads, "rho_sim_norm_mse", lambda *args: None)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("side", ["x", "y"])
+@pytest.mark.parametrize("widths", [(4, 4), (4, 6)])
+def test_fused_finite_check_gives_the_reference_nan_and_zero_gradients(bad, side, widths, monkeypatch):
+    options = SimOptions(token_ratio=1.0)
+    head = build_objective(options, in_channel_dim=1, out_channel_dim=1, in_width=widths[0], out_width=widths[1])
+    x, y = torch.randn(2, widths[0], 3, 3), torch.randn(2, widths[1], 3, 3)
+    (x if side == "x" else y)[1, 2, 0, 1] = bad
+    y.requires_grad_(True)
+    loss = head(x, y)
+    assert type(loss.grad_fn).__name__ == "_RhoSimNormMSEBackward" and torch.isnan(loss)
+    loss.nan_to_num(0.0).backward()
+    assert torch.equal(y.grad, torch.zeros_like(y))
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in head.parameters())
+
+
+def test_fused_path_steps_aside_where_it_would_compute_something_else():
+    objective = RhoSim(6, 6, dim=8)
+    x, y = torch.randn(2, 5, 6), torch.randn(2, 5, 6, requires_grad=True)
+    assert fused.rho_sim_norm_mse(objective, x, y) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's casts and cast cache: autograd's business
+        assert fused.rho_sim_norm_mse(objective, x, y) is None
+    assert fused.rho_sim_norm_mse(objective, x.double(), y) is None  # dtypes differ from the weights'
+    assert fused.rho_sim_norm_mse(objective, x[:, :1], y[:, :1]) is None  # one token: norm_mse's special case
+    handle = objective.proj[2].register_forward_hook(lambda *args: None)
+    assert fused.rho_sim_norm_mse(objective, x, y) is None  # a hook must see its module run
+    handle.remove()
+    objective.proj[1] = nn.GELU()
+    assert fused.rho_sim_norm_mse(objective, x, y) is None  # not the structure rho_sim builds
+    assert fused.rho_sim_norm_mse(RhoSim(6, 6, dim=8, loss="mse"), x, y) is None
+
+
+def test_fused_head_equals_the_reference_head_through_sampling_and_pooling(monkeypatch):
+    # A strided block (x pooled onto y's grid, pre_proj) with the default sampling:
+    # the same draw on both paths, the same loss and gradients.
+    head = build_objective(SimOptions(), in_channel_dim=1, out_channel_dim=1, in_width=4, out_width=8).double()
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    y = torch.randn(3, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(5)
+    fast = _value_and_grads(head(x, y), y, head)
+    _without_fast_path(monkeypatch)
+    torch.manual_seed(5)
+    _assert_same_loss_and_gradients(fast, _value_and_grads(head(x, y), y, head))
+
+
+def test_compiled_cpu_graph_calls_the_operator_and_equals_eager():
+    head = build_objective(SimOptions(token_ratio=1.0), in_channel_dim=1, out_channel_dim=1, in_width=4, out_width=6)
+    x, y = torch.randn(2, 4, 4, 4), torch.randn(2, 6, 2, 2, requires_grad=True)
+    eager = _value_and_grads(head(x, y), y, head)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(head, backend=backend, fullgraph=True)
+    got = _value_and_grads(compiled(x, y), y, head)
+    operator = torch.ops.simfx.rho_sim_norm_mse
+    assert any(n.target in (operator, operator.default) for g in graphs for n in g.graph.nodes)
+    torch.testing.assert_close(got[0], eager[0])
+    for g, h in zip(got[1], eager[1]):
+        torch.testing.assert_close(g, h)
+
+
+@pytest.mark.parametrize("widths", [(5, 5), (5, 7)])
+def test_custom_operator_registration_passes_opcheck(widths):
+    cin, cout = widths
+    objective = RhoSim(cin, cout, dim=8)
+    x, y = torch.randn(2, 4, cin), torch.randn(2, 4, cout, requires_grad=True)
+    layers = fused._layers(objective, x, y)
+    torch.library.opcheck(torch.ops.simfx.rho_sim_norm_mse.default, (y, x, *layers))
+
+
+# --- sampling shortcuts (simfx.runtime.tokens) ----------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("strategy", ["shared", "per_sample"])
+def test_sampled_windows_equal_pooling_the_whole_map_then_sampling(rank, strategy):
+    size = {1: (12,), 2: (8, 6), 3: (4, 6, 2)}[rank]
+    out = {1: (3,), 2: (4, 3), 3: (2, 3, 1)}[rank]
+    x, y = torch.randn(3, 5, *size), torch.randn(3, 7, *out)
+    n = y[0, 0].numel()
+    index = draw_index(n, 2, 3, strategy, y.device)
+    want = take_tokens(input_tokens_on_output_grid(x, 1, y, 1), index)
+    torch.testing.assert_close(sampled_input_tokens(x, 1, y, 1, index), want)
+    # Channels last (NHWC) on both sides, as torchvision's Swin has them.
+    x_last, y_last = x.movedim(1, -1), y.movedim(1, -1)
+    torch.testing.assert_close(sampled_input_tokens(x_last, rank + 1, y_last, rank + 1, index), want)
+
+
+def test_take_tokens_on_large_maps_uses_the_matrix_selection_with_the_same_values_and_gradients():
+    maps = torch.randn(2, 3, 8, 8, requires_grad=True)
+    tokens = to_tokens(maps, 1)
+    index = torch.randperm(64)[:6]
+    got = take_tokens(tokens, index)
+    want = tokens[:, index]
+    assert torch.equal(got, want)
+    weights = torch.randn_like(want)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), maps)
+    (g_want,) = torch.autograd.grad((want * weights).sum(), maps)
+    assert torch.equal(g_got, g_want)

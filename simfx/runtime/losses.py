@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSS_FUNCTIONS", "norm_mse", "norm_mse_reference", "sim_loss_value"]
+__all__ = [
+    "LOSS_FUNCTIONS", "norm_mse", "norm_mse_reference", "norm_mse_forward", "norm_mse_forward_stacked",
+    "norm_mse_backward", "sim_loss_value",
+]
 
 _EPS = 1e-6
-
 
 
 def _standardise(z: Tensor) -> Tensor:
@@ -58,53 +60,63 @@ def _use_fast_norm_mse(prediction: Tensor, target: Tensor) -> bool:
     return not (target.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
 
 
-def _centred_and_std(z: Tensor) -> tuple[Tensor, Tensor]:
-    """``z - mean`` and the unbiased std over tokens, as sums (what ``Tensor.std`` computes).
-
-    On CPU, ``Tensor.std`` and ``vector_norm`` over these small ``(B, k, d)`` tensors
-    ran 10-40x slower than the sums of squares written out (about 1 ms against
-    30 us), which made them the largest part of the eager loss.
-    """
-    centred = z - z.mean(dim=1, keepdim=True)
-    return centred, (centred * centred).sum(dim=1, keepdim=True).div(z.shape[1] - 1).sqrt()
+def norm_mse_forward(prediction: Tensor, target: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """:func:`norm_mse`'s value and what :func:`norm_mse_backward` needs (no autograd recorded)."""
+    return norm_mse_forward_stacked(torch.stack([prediction, target]))
 
 
-class _NormMSE(torch.autograd.Function):
-    """norm_mse with a hand-derived backward (prediction side; the target is a constant).
+def norm_mse_forward_stacked(pair: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """:func:`norm_mse_forward` of ``pair = stack([prediction, target])``, ``(2, B, k, d)``.
 
-    Forward: the maths of :func:`norm_mse_reference` with the std and the L2 norm
-    written as sums of squares (equal up to float rounding). With
+    The maths of :func:`norm_mse_reference` with the std and the L2 norm written as
+    sums of squares, both sides standardised by the same calls. With
     ``c = p - mean_k p``, ``s = std_k(p)`` (unbiased), ``a = c / (s + eps)``,
     ``r = a - standardise(t)`` and ``n = ||r||`` over features, the loss is
-    ``mean(n)`` over B*k rows. Backward:
+    ``mean(n)`` over the B*k rows. (On CPU, ``Tensor.std`` and ``vector_norm`` over
+    these small tensors ran 10-40x slower than the sums written out, about 1 ms
+    against 30 us.)
+    """
+    centred = pair - pair.mean(dim=2, keepdim=True)
+    std = (centred * centred).sum(dim=2, keepdim=True).div_(pair.shape[2] - 1).sqrt_()
+    scale = std + _EPS
+    standardised = centred / scale
+    residual = standardised[0] - standardised[1]
+    norms = (residual * residual).sum(dim=-1).sqrt_()
+    return norms.mean(), (centred[0], std[0], scale[0], residual, norms)
+
+
+def norm_mse_backward(saved: tuple[Tensor, ...], grad: Tensor) -> Tensor:
+    """The gradient of :func:`norm_mse_forward`'s loss w.r.t. the prediction, for upstream ``grad``.
+
     ``g_a = g r / (B k n)`` (0 where ``n = 0``, like torch's norm),
     ``g_c = g_a / (s + eps) - c * sum_k(g_a c) / ((s + eps)^2 (k - 1) s)``
     (the second term 0 where ``s = 0``, like torch's std), and
     ``g_p = g_c - mean_k g_c``.
     """
+    centred, std, scale, residual, norms = saved
+    rows = norms.numel()
+    inverse_norms = torch.where(norms == 0, 0.0, 1.0 / norms).unsqueeze(-1)
+    grad_a = residual * inverse_norms * (grad / rows)
+    tokens = centred.shape[1]
+    std_term = (grad_a * centred).sum(dim=1, keepdim=True) / (scale * scale * (tokens - 1) * std)
+    std_term = torch.where(std == 0, 0.0, std_term)
+    grad_c = grad_a / scale - centred * std_term
+    return grad_c - grad_c.mean(dim=1, keepdim=True)
+
+
+class _NormMSE(torch.autograd.Function):
+    """norm_mse with the hand-derived backward of :func:`norm_mse_backward` (the target is a constant)."""
 
     @staticmethod
     def forward(ctx, prediction: Tensor, target: Tensor) -> Tensor:
-        centred, std = _centred_and_std(prediction)
-        scale = std + _EPS
-        target_centred, target_std = _centred_and_std(target)
-        residual = centred / scale - target_centred / (target_std + _EPS)
-        norms = (residual * residual).sum(dim=-1).sqrt()
-        ctx.save_for_backward(centred, std, scale, residual, norms)
-        return norms.mean()
+        loss, saved = norm_mse_forward(prediction, target)
+        ctx.save_for_backward(*saved)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        centred, std, scale, residual, norms = ctx.saved_tensors
-        rows = norms.numel()
-        inverse_norms = torch.where(norms == 0, 0.0, 1.0 / norms).unsqueeze(-1)
-        grad_a = residual * inverse_norms * (grad / rows)
-        tokens = centred.shape[1]
-        std_term = (grad_a * centred).sum(dim=1, keepdim=True) / (scale * scale * (tokens - 1) * std)
-        std_term = torch.where(std == 0, 0.0, std_term)
-        grad_c = grad_a / scale - centred * std_term
-        return grad_c - grad_c.mean(dim=1, keepdim=True), None
+        return norm_mse_backward(ctx.saved_tensors, grad), None
 
 
 def _mse(prediction: Tensor, target: Tensor) -> Tensor:

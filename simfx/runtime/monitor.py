@@ -57,14 +57,19 @@ def aggregate_losses(losses: Sequence[Tensor], weights: Sequence[float], names: 
 
     ``names`` are the blocks' names, in the order of ``losses``.
     """
-    total = weighted_mean_of_finite(losses, weights)
+    total, finite = _weighted_mean_and_flags(losses, weights)
     if names and _eager(losses):
-        _check(torch.stack([torch.isfinite(loss) for loss in losses]), tuple(names))
+        _check(finite, tuple(names))
     return total
 
 
 def weighted_mean_of_finite(losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """``mean_i(w_i * loss_i)`` over the finite block losses (0 when none is finite), with tensor ops only."""
+    return _weighted_mean_and_flags(losses, weights)[0]
+
+
+def _weighted_mean_and_flags(losses: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """The weighted mean of the finite losses, and which losses were finite (the monitor reads those)."""
     stacked = torch.stack(list(losses))
     finite = torch.isfinite(stacked)
     if len(set(weights)) == 1:
@@ -72,7 +77,7 @@ def weighted_mean_of_finite(losses: Sequence[Tensor], weights: Sequence[float]) 
     else:
         weighted = torch.stack([loss * w for loss, w in zip(losses, weights)])
         total = torch.where(finite, weighted, 0).sum()
-    return total / finite.sum().clamp(min=1)
+    return total / finite.sum().clamp(min=1), finite
 
 
 def flush() -> None:
