@@ -95,6 +95,12 @@ def test_readme_block_trains_in_trainer_with_sim_loss_in_the_logs(tmp_path):
     out.loss.backward()  # what the Trainer minimises reaches every reconstructor
     assert_reconstructor_gradients(reconstructors)
 
+    # Evaluation runs the model itself: eval_loss is the task loss alone.
+    sim.eval()
+    with torch.no_grad():
+        task_loss = simfx.strip(sim)(**batch).loss
+    assert trainer.evaluate(eval_dataset=train[:4])["eval_loss"] == pytest.approx(task_loss.item(), rel=1e-6)
+
     # save_pretrained of the stripped model loads back into the plain architecture.
     plain = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "model")
     outputs_equal(plain, simfx.strip(sim), batch)
