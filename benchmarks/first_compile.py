@@ -8,7 +8,9 @@ process, kernels with the same source are compiled once, which would flatter
 whichever variant goes second). Each child builds the model from the same seed,
 compiles it with ``fullgraph=True``, and times the first step (zero_grad, forward,
 cross-entropy (+ ``sim_loss``), backward, SGD step: ``overhead.py``'s step) and
-the next few steps, which shows when the compile is over.
+the next few steps, which shows when the compile is over. Each row also splits the
+first step by compile stage, by torch's own timers: dynamo's tracing, the forward and
+backward compiles (AOT autograd and inductor), and the C++ build inside them.
 
     python benchmarks/first_compile.py --device cuda --model resnet50              # 224x224, batch 128, bf16
     python benchmarks/first_compile.py --device cuda --modes default reduce-overhead
@@ -64,11 +66,30 @@ def child(args) -> dict:
     v = Variant(args.child, row_mode, compiled, args.child == "simfx", optimizer)
     amp_dtype = DTYPES[args.dtype]
     first = timed_step(v, x, labels, amp_dtype)[0]
+    stages = compile_stages()  # the first step's, before a later step could add to them
     later = [timed_step(v, x, labels, amp_dtype)[0] for _ in range(args.later_steps)]
     return {"variant": args.child, "mode": args.mode, "first_step_s": round(first, 3),
             "later_steps_s": [round(t, 4) for t in later],
             "transform_s": None if transform_s is None else round(transform_s, 3),
-            "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
+            "stages_s": stages, "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
+
+
+# Where a compile spends its time, by torch's own timers (torch._dynamo.utils): the name
+# shown in the report -> the timer. "C++ build" is inside the two compiler stages.
+STAGES = {
+    "dynamo": "bytecode_tracing",
+    "forward compile": "compile_fx.<locals>.fw_compiler_base",
+    "backward compile": "compile_fx.<locals>.bw_compiler",
+    "C++ build": "compile_file",
+}
+
+
+def compile_stages() -> dict:
+    """Seconds per compile stage so far in this process (``None`` for a timer this torch lacks)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {name: round(sum(compilation_time_metrics[key]), 2) if key in compilation_time_metrics else None
+            for name, key in STAGES.items()}
 
 
 def run_child(args, variant: str, mode: str, cache: Path) -> dict:
@@ -115,16 +136,18 @@ def markdown(rows, ratios, meta, args) -> str:
         *markdown_header(meta, f"{args.model} {args.batch}x3x{args.image_size}x{args.image_size}, {args.dtype}, "
                                f"backend {args.backend}; each variant compiled in a fresh process with empty caches."),
         "",
-        "| mode | variant | first step s | later steps s | transform s | process s |",
-        "|---|---|---|---|---|---|",
+        f"| mode | variant | first step s | {' | '.join(f'{name} s' for name in STAGES)} | later steps s "
+        "| transform s | process s |",
+        "|---|---|---|" + "---|" * len(STAGES) + "---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['variant']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['mode']} | {r['variant']} | failed: {r['error']} |" + " |" * (len(STAGES) + 3))
             continue
         later = ", ".join(f"{t:.3f}" for t in r["later_steps_s"])
         transform = "" if r["transform_s"] is None else f"{r['transform_s']:.2f}"
-        lines.append(f"| {r['mode']} | {r['variant']} | {r['first_step_s']:.2f} | {later} | {transform} | "
+        stages = " | ".join("" if r["stages_s"].get(name) is None else f"{r['stages_s'][name]:.1f}" for name in STAGES)
+        lines.append(f"| {r['mode']} | {r['variant']} | {r['first_step_s']:.2f} | {stages} | {later} | {transform} | "
                      f"{r['process_s']:.1f} |")
     lines.append("")
     lines += [f"- {r['mode']}: simfx's first compiled step takes {r['first_step_ratio']:.2f}x the plain model's "

@@ -1,0 +1,236 @@
+"""Where SIM's time goes in an eager training step: per-op profile and per-block cost.
+
+Two views of one model (default resnet18, 16x3x64x64, one torch thread, CPU):
+
+* **per op**: ``torch.profiler`` self-CPU time per aten op over ``--steps`` steps of
+  the plain model and of ``simfx.transform(model)``, interleaved; the table lists
+  what the transformed step spends beyond the plain one, op by op, grouped into
+  matrix products (SIM's FLOPs), the fused rho_sim node's own Python, the
+  optimizer, and the rest;
+* **per block**: each reconstructor alone on the block's real activations
+  (forward + backward, best of ``--repeats``), next to the time of its matrix
+  products alone (the same products on random data): what is left is the
+  block's fixed cost.
+
+    python benchmarks/profile_sim.py                      # resnet18
+    python benchmarks/profile_sim.py --model vit_b_16 --steps 3
+
+Writes ``profile-sim-<model>.json`` and ``.md`` into ``--out``. Profiler times
+include the profiler's own cost per op (a few microseconds), so read the totals
+as a split, and ``overhead.py`` for the step ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # runinfo and overhead, however this file is loaded
+from overhead import CLASSES, build_model  # noqa: E402
+from runinfo import load_average, markdown_header, run_meta, write_results  # noqa: E402
+
+import simfx  # noqa: E402
+from simfx.runtime import fused  # noqa: E402
+
+MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::addmv", "aten::mv", "aten::addr"}
+
+
+def _step_fn(module, optimizer, x, labels, returns_loss):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        result = module(x)
+        loss = F.cross_entropy(result[0], labels) + result[1] if returns_loss else F.cross_entropy(result, labels)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def per_op(base_step, sim_step, steps: int) -> dict:
+    """Self-CPU ms per step by op name, plain and transformed, and the transformed surplus by group."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def run(step):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        return {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()}
+
+    base, sim = run(base_step), run(sim_step)
+    surplus = {k: sim.get(k, (0, 0))[0] - base.get(k, (0, 0))[0] for k in set(sim) | set(base)}
+    groups = {"matrix products": 0.0, "fused rho_sim node (Python)": 0.0, "optimizer": 0.0, "other ops": 0.0}
+    for key, ms in surplus.items():
+        if key in MATMUL:
+            groups["matrix products"] += ms
+        elif key.startswith("_RhoSimNormMSE"):
+            groups["fused rho_sim node (Python)"] += ms
+        elif key.startswith("Optimizer."):
+            groups["optimizer"] += ms
+        else:
+            groups["other ops"] += ms
+    top = sorted(surplus.items(), key=lambda kv: -kv[1])[:25]
+    return {
+        "base_ms": round(sum(v[0] for v in base.values()), 2),
+        "sim_ms": round(sum(v[0] for v in sim.values()), 2),
+        "base_calls": sum(v[1] for v in base.values()), "sim_calls": sum(v[1] for v in sim.values()),
+        "groups_ms": {k: round(v, 2) for k, v in groups.items()},
+        "top": [{"op": k, "ms": round(v, 3), "calls": sim.get(k, (0, 0))[1], "base_calls": base.get(k, (0, 0))[1]}
+                for k, v in top],
+    }
+
+
+def _best_ms(fn, repeats: int) -> float:
+    for _ in range(min(3, repeats)):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
+def per_block(model, sim, x, repeats: int) -> list[dict]:
+    """Each reconstructor alone, forward + backward, on its block's activations; and its products alone."""
+    pairs, handles = {}, []
+    for block in sim.simfx_info.plan.blocks:
+        def keep(module, args, output, key=block.key):
+            pairs[key] = (args[0].detach(), output.detach())
+        handles.append(model.get_submodule(block.name).register_forward_hook(keep))
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    rows = []
+    for key, (block_in, block_out) in pairs.items():
+        head = sim.simfx[key]
+        y = block_out.clone().requires_grad_(True)
+        full = _best_ms(lambda: head(block_in, y).backward(), repeats)
+        row = {"block": key, "full_ms": round(full, 3)}
+        objective = head.objective
+        if hasattr(objective, "proj"):
+            row.update(_products_alone(head, block_in, y, repeats))
+        rows.append(row)
+    return rows
+
+
+def _products_alone(head, block_in, y, repeats: int) -> dict:
+    """The rho_sim matrix products of this block (forward and backward) on random rows of its size."""
+    seen = {}
+    original = fused.rho_sim_norm_mse
+
+    def spy(objective, x_tokens, y_tokens):
+        seen["rows"] = y_tokens.shape[0] * y_tokens.shape[1]
+        return original(objective, x_tokens, y_tokens)
+
+    fused_module = sys.modules[head.__class__.__module__]
+    setattr(fused_module, "rho_sim_norm_mse", spy)
+    try:
+        head(block_in, y)
+    finally:
+        setattr(fused_module, "rho_sim_norm_mse", original)
+    rows = seen.get("rows")
+    if rows is None:
+        return {}
+    objective = head.objective
+    layers = [m for m in (objective.pre_proj, *objective.proj, objective.predictor) if isinstance(m, torch.nn.Linear)]
+    shared = set(objective.proj)
+    work = []
+    for layer in layers:
+        a = torch.randn(rows, layer.in_features)
+        g = torch.randn(rows, layer.out_features)
+        w = layer.weight.detach()
+        work.append((a, w, g, layer in shared))
+
+    def products():
+        for a, w, g, shared_layer in work:
+            torch.mm(a, w.t())
+            if shared_layer:
+                torch.mm(a, w.t())  # the target rows, no gradient
+            torch.mm(g.t(), a)
+            torch.mm(g, w)
+
+    products_ms = _best_ms(products, repeats)
+    return {"rows": rows, "products_ms": round(products_ms, 3)}
+
+
+def markdown(result: dict, meta: dict) -> str:
+    ops = result["per_op"]
+    lines = [
+        *markdown_header(meta, f"{result['model']} {result['batch']}x3x{result['image_size']}x{result['image_size']}, "
+                               f"eager, {result['steps']} profiled steps per variant."),
+        "",
+        f"Self-CPU per step: plain {ops['base_ms']:.1f} ms ({ops['base_calls']} op calls), transformed "
+        f"{ops['sim_ms']:.1f} ms ({ops['sim_calls']} op calls).",
+        "",
+        "| SIM's surplus by group | ms / step |",
+        "|---|---|",
+        *(f"| {k} | {v:.2f} |" for k, v in ops["groups_ms"].items()),
+        "",
+        "| op | surplus ms / step | calls (transformed) | calls (plain) |",
+        "|---|---|---|---|",
+        *(f"| `{t['op']}` | {t['ms']:.2f} | {t['calls']} | {t['base_calls']} |" for t in ops["top"]),
+        "",
+        "| block | rows (B x k) | forward + backward ms | its matrix products alone ms | the rest ms |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["per_block"]:
+        products = r.get("products_ms")
+        rest = "" if products is None else f"{r['full_ms'] - products:.2f}"
+        lines.append(f"| {r['block']} | {r.get('rows', '')} | {r['full_ms']:.2f} | "
+                     f"{'' if products is None else format(products, '.2f')} | {rest} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet18", help="a torchvision model overhead.py builds")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps per variant (default 5)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed repeats per block (default 30, best kept)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", help="result file stem (default profile-sim-<model>)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 32x32, batch 4, 1 step, 2 repeats")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.image_size, args.batch, args.steps, args.repeats = 32, 4, 1, 2
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started, load_before = datetime.datetime.now(datetime.timezone.utc), load_average()
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size)
+    labels = torch.randint(0, CLASSES, (args.batch,))
+    model = build_model(args.model, args.image_size).train()
+    plain, sim = copy.deepcopy(model), simfx.transform(copy.deepcopy(model), x[:2])
+    base_step = _step_fn(plain, torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9), x, labels, False)
+    sim_step = _step_fn(sim, torch.optim.SGD(sim.parameters(), lr=1e-3, momentum=0.9), x, labels, True)
+    for _ in range(min(2, args.steps)):
+        base_step()
+        sim_step()
+    result = {"model": args.model, "image_size": args.image_size, "batch": args.batch, "steps": args.steps,
+              "per_op": per_op(base_step, sim_step, args.steps),
+              "per_block": per_block(copy.deepcopy(model).train(), sim, x, args.repeats)}
+    meta = run_meta("profile_sim.py", argv, started, load_before)
+    payload = {"meta": meta, **result}
+    text = markdown(result, meta)
+    stem = args.name or f"profile-sim-{args.model}"
+    folder = write_results(args.out, stem, payload, text)
+    print(text)
+    print(f"wrote {folder}/{stem}.{{json,md}}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
