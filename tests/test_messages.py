@@ -578,7 +578,19 @@ class DictOutput(TinyResNet):
         return {"logits": super().forward(x)}
 
 
+class DictOutputTakingKwargs(DictOutput):
+    """Takes **kwargs, as Hugging Face models do (the Trainer then passes num_items_in_batch)."""
+
+    def forward(self, x, **kwargs):
+        return super().forward(x)
+
+
 MESSAGES.update({
+    "SimLossCallback with gradient accumulation and no num_items_in_batch in the example": (
+        _with_module("transformers", lambda: _sim_loss_callback(
+            simfx.transform(DictOutputTakingKwargs(), X, loss_in_output=True), gradient_accumulation_steps=2)),
+        ValueError, r"gradient_accumulation_steps=2: transformers\.Trainer passes num_items_in_batch to "
+        r"DictOutputTakingKwargs, .*Add it to the example: .*'num_items_in_batch': torch\.tensor\(n\)"),
     "SimLossCallback with a model simfx did not transform": (
         _with_module("transformers", lambda: _sim_loss_callback(nn.Linear(2, 2))), TypeError,
         r"SimLossCallback needs the Trainer's model to be a module from simfx\.transform\(\.\.\., loss_in_output=True\); "

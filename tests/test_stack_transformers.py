@@ -153,3 +153,34 @@ def test_without_labels_the_output_has_sim_loss_and_no_loss():
     assert "loss" not in out and out.loss is None and out.sim_loss > 0
     sim.eval()
     assert "sim_loss" not in sim(**inputs)  # eval: the model's own output alone
+
+
+@pytest.mark.slow
+def test_with_num_items_in_the_example_gradient_accumulation_trains_exactly_as_the_model(tmp_path):
+    """The Trainer passes num_items_in_batch to the model and to the transformed module alike."""
+    model, train = tiny_bert(), dataset()
+    plain = copy.deepcopy(model)
+    example = {**transformers.default_data_collator(train[:2]), "num_items_in_batch": torch.tensor(2)}
+    sim = simfx.transform(model, example, loss_in_output=True, beta=0.0)
+    assert sim.accepts_loss_kwargs
+    accumulate = dict(gradient_accumulation_steps=2)
+    expected = transformers.Trainer(model=plain, args=arguments(tmp_path / "plain", **accumulate), train_dataset=train)
+    expected.train()
+    trainer = transformers.Trainer(model=sim, args=arguments(tmp_path / "sim", **accumulate), train_dataset=train,
+                                   callbacks=[SimLossCallback()])
+    trainer.train()
+    trained = simfx.strip(sim).state_dict()
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=0, msg=name)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses == [h["loss"] for h in expected.state.log_history if "loss" in h]
+
+
+def test_gradient_accumulation_without_num_items_in_the_example_is_refused(tmp_path):
+    model, train = tiny_bert(), dataset()
+    sim = simfx.transform(model, transformers.default_data_collator(train[:2]), loss_in_output=True)
+    assert not sim.accepts_loss_kwargs
+    trainer = transformers.Trainer(model=sim, args=arguments(tmp_path, gradient_accumulation_steps=2),
+                                   train_dataset=train, callbacks=[SimLossCallback()])
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=2: .*num_items_in_batch.*'num_items_in_batch'"):
+        trainer.train()

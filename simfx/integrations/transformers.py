@@ -88,6 +88,33 @@ class _Recorder:
         return values
 
 
+def _check_loss_scaling(sim: SimGraphModule, args: Any) -> None:
+    """Refuse gradient accumulation where the Trainer would scale the loss otherwise than for the model.
+
+    ``Trainer`` passes ``num_items_in_batch`` to a model whose forward takes ``**kwargs``
+    (every Hugging Face model), which divides its summed loss by it; a module that
+    does not take it gets its loss divided by the accumulation steps instead. With
+    one step per update both agree; with more, token losses of uneven batches weigh
+    differently, so the transformed module must take ``num_items_in_batch`` too.
+    """
+    if getattr(args, "gradient_accumulation_steps", 1) <= 1 or sim.accepts_loss_kwargs:
+        return
+    import inspect
+
+    model = sim.simfx_model()
+    takes = getattr(model, "accepts_loss_kwargs", None)
+    if takes is None:
+        parameters = inspect.signature(model.forward).parameters.values()
+        takes = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    if takes:
+        raise ValueError(
+            f"gradient_accumulation_steps={args.gradient_accumulation_steps}: transformers.Trainer passes "
+            f"num_items_in_batch to {type(model).__name__}, which scales its loss by it, but the transformed module "
+            f"was captured without it, so its loss would be scaled differently. Add it to the example: "
+            f"simfx.transform(model, {{**batch, 'num_items_in_batch': torch.tensor(n)}}, loss_in_output=True)."
+        )
+
+
 def _callback_class() -> type:
     from transformers import TrainerCallback
 
@@ -111,6 +138,7 @@ def _callback_class() -> type:
                     f"compute_loss_func= a function returning your smoothed loss plus outputs['sim_loss'] (and "
                     f"transform with an example without labels: the Trainer takes them out of the batch)."
                 )
+            _check_loss_scaling(sim, args)
             self._recorder.attach(sim)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:

@@ -230,6 +230,18 @@ class SimGraphModule(fx.GraphModule):
         return new
 
     @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether ``transformers.Trainer`` may pass ``num_items_in_batch``: when the example had it.
+
+        Hugging Face models take it through ``**kwargs`` and divide their summed loss by
+        it (so the Trainer leaves gradient accumulation's scaling to them). The training
+        graph takes exactly the inputs of the example it was captured with, so it takes
+        ``num_items_in_batch`` only when the example held it:
+        ``simfx.transform(model, {**batch, "num_items_in_batch": torch.tensor(n)}, loss_in_output=True)``.
+        """
+        return "num_items_in_batch" in self._simfx_call.names
+
+    @property
     def sim_blocks(self):
         """The planned blocks (boundary, options, submodule key), in graph order."""
         return self.simfx_info.plan.blocks
