@@ -37,7 +37,7 @@ devices the compiler gets the reference expression, which it fuses.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional  # typing's forms: torch 2.5's schema inference knows only these
 
 import torch
 import torch.nn.functional as F
@@ -304,7 +304,7 @@ _rho_sim_op.register_autograd(_op_backward, setup_context=_setup_op)
 
 
 @torch.library.custom_op("simfx::scale_unit_gradients", mutates_args=())
-def _scale_op(grad: Tensor, finite: Tensor, units: list[Tensor]) -> list[Tensor]:
+def _scale_op(grad: Tensor, finite: Tensor, units: List[Tensor]) -> List[Tensor]:
     """``units * grad`` where the block was finite, zeros elsewhere (the reference's ``where``)."""
     return list(torch._foreach_mul(units, torch.where(finite, grad, 0)))
 
