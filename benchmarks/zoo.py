@@ -418,10 +418,11 @@ def summary(results: list[ZooResult], compile_backend: str | None) -> str:
     text += f"; the transform-time check passed on {checked}/{n}"
     plain = [r for r in results if r.plain_fx]
     plain_full = sum(r.traced and r.step_ok and r.eval_equal for r in plain)
-    text += (
-        f"; of the {len(plain)} that plain torch.fx traces, {plain_full} "
-        f"({100.0 * plain_full / max(len(plain), 1):.1f}%)"
-    )
+    if plain:  # the library models all need simfx's own capture: no such clause for them
+        text += (
+            f"; of the {len(plain)} that plain torch.fx traces, {plain_full} "
+            f"({100.0 * plain_full / len(plain):.1f}%)"
+        )
     if compile_backend:
         compiled = sum(bool(r.compile_ok) for r in results)
         text += f"; {compiled}/{n} compile with fullgraph=True ({compile_backend})"

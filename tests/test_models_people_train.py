@@ -202,13 +202,8 @@ def test_a_cache_output_export_cannot_capture_is_explained():
 
 
 def _wav2vec2(**config):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Wav2Vec2Config(
-        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2, **config,
-    )
-    return transformers.Wav2Vec2ForCTC(config), {"input_values": torch.randn(2, 800)}
+    pytest.importorskip("transformers")
+    return library_models.wav2vec2(**config)
 
 
 @pytest.mark.slow
