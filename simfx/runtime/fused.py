@@ -70,23 +70,22 @@ def _layers(objective: nn.Module, x_tokens: Tensor, y_tokens: Tensor) -> tuple |
         return None
     if torch.compiler.is_compiling() and y_tokens.device.type != "cpu":
         return None  # on a GPU the compiler's fused kernels of the reference beat ~60 separate ones
-    pre, proj, predictor = objective.pre_proj, objective.proj, objective.predictor
-    if not (
-        len(proj) == 5
-        and type(proj[1]) is nn.ReLU
-        and type(proj[3]) is nn.ReLU
-        and all(type(proj[i]) is nn.Linear for i in (0, 2, 4))
-        and type(predictor) is nn.Linear
-        and type(pre) in (nn.Linear, nn.Identity)
-    ):
+    children = objective._modules  # plain dict reads: this runs for every block at every step
+    pre, proj, predictor = children.get("pre_proj"), children.get("proj"), children.get("predictor")
+    if type(proj) is not nn.Sequential or type(predictor) is not nn.Linear or type(pre) not in (nn.Linear, nn.Identity):
+        return None
+    layers = tuple(proj._modules.values())
+    if [type(m) for m in layers] != _PROJECTOR:
         return None
     # A hook, or a forward replaced on the instance, must see its module run.
-    modules = (objective, pre, *proj, predictor)
     if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks or any(
-        m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules
+        m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
+        for m in (objective, pre, proj, *layers, predictor)
     ):
         return None
-    weight = predictor.weight
+    l1, l2, l3 = layers[0]._parameters, layers[2]._parameters, layers[4]._parameters
+    head = predictor._parameters
+    weight = head["weight"]
     device = y_tokens.device
     if (
         x_tokens.dtype != weight.dtype
@@ -94,13 +93,15 @@ def _layers(objective: nn.Module, x_tokens: Tensor, y_tokens: Tensor) -> tuple |
         or torch.is_autocast_enabled(device.type)
         or x_tokens.device != weight.device
         or device != weight.device
+        or l1["bias"] is None or l2["bias"] is None or l3["bias"] is None or head["bias"] is None
     ):
         return None
-    pre_weight = pre.weight if type(pre) is nn.Linear else None
-    l1, l2, l3 = proj[0], proj[2], proj[4]
-    if l1.bias is None or l2.bias is None or l3.bias is None or predictor.bias is None:
-        return None
-    return (pre_weight, l1.weight, l1.bias, l2.weight, l2.bias, l3.weight, l3.bias, weight, predictor.bias)
+    pre_weight = pre._parameters["weight"] if type(pre) is nn.Linear else None
+    return (pre_weight, l1["weight"], l1["bias"], l2["weight"], l2["bias"], l3["weight"], l3["bias"], weight,
+            head["bias"])
+
+
+_PROJECTOR = [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
 
 
 class _RhoSimNormMSE(torch.autograd.Function):
