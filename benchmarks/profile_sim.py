@@ -37,7 +37,7 @@ from overhead import CLASSES, build_model  # noqa: E402
 from runinfo import load_average, markdown_header, run_meta, write_results  # noqa: E402
 
 import simfx  # noqa: E402
-from simfx.runtime import fused  # noqa: E402
+from simfx.runtime.tokens import sample_count, to_tokens  # noqa: E402
 
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::addmv", "aten::mv", "aten::addr"}
 
@@ -68,7 +68,7 @@ def per_op(base_step, sim_step, steps: int) -> dict:
     for key, ms in surplus.items():
         if key in MATMUL:
             groups["matrix products"] += ms
-        elif key.startswith("_RhoSimNormMSE"):
+        elif key.startswith("_RhoSimNormMSE"):  # its self time: the Python between its aten calls
             groups["fused rho_sim node (Python)"] += ms
         elif key.startswith("Optimizer."):
             groups["optimizer"] += ms
@@ -122,22 +122,8 @@ def per_block(model, sim, x, repeats: int) -> list[dict]:
 
 def _products_alone(head, block_in, y, repeats: int) -> dict:
     """The rho_sim matrix products of this block (forward and backward) on random rows of its size."""
-    seen = {}
-    original = fused.rho_sim_norm_mse
-
-    def spy(objective, x_tokens, y_tokens):
-        seen["rows"] = y_tokens.shape[0] * y_tokens.shape[1]
-        return original(objective, x_tokens, y_tokens)
-
-    fused_module = sys.modules[head.__class__.__module__]
-    setattr(fused_module, "rho_sim_norm_mse", spy)
-    try:
-        head(block_in, y)
-    finally:
-        setattr(fused_module, "rho_sim_norm_mse", original)
-    rows = seen.get("rows")
-    if rows is None:
-        return {}
+    tokens = to_tokens(y, head.out_channel_dim)
+    rows = tokens.shape[0] * sample_count(tokens.shape[1], head.ratio[0], head.ratio[1], head.min_tokens)
     objective = head.objective
     layers = [m for m in (objective.pre_proj, *objective.proj, objective.predictor) if isinstance(m, torch.nn.Linear)]
     shared = set(objective.proj)
@@ -145,8 +131,7 @@ def _products_alone(head, block_in, y, repeats: int) -> dict:
     for layer in layers:
         a = torch.randn(rows, layer.in_features)
         g = torch.randn(rows, layer.out_features)
-        w = layer.weight.detach()
-        work.append((a, w, g, layer in shared))
+        work.append((a, layer.weight.detach(), g, layer in shared))
 
     def products():
         for a, w, g, shared_layer in work:
@@ -156,8 +141,7 @@ def _products_alone(head, block_in, y, repeats: int) -> dict:
             torch.mm(g.t(), a)
             torch.mm(g, w)
 
-    products_ms = _best_ms(products, repeats)
-    return {"rows": rows, "products_ms": round(products_ms, 3)}
+    return {"rows": rows, "products_ms": round(_best_ms(products, repeats), 3)}
 
 
 def markdown(result: dict, meta: dict) -> str:
