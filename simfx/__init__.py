@@ -14,8 +14,8 @@ from .api import BoundaryRow, BoundaryTable, find_boundaries, transform
 from .analysis.boundaries import Boundary
 from .inspect.draw import draw
 from .errors import (
-    ExampleInputsError, FaithfulnessError, NoEligibleBlockError, SelectorError, SimfxError, TraceError,
-    UnsupportedModelError,
+    ExampleInputsError, FaithfulnessError, InputShapeError, NoEligibleBlockError, SelectorError, SimfxError,
+    TraceError, UnsupportedModelError,
 )
 from .inspect.explain import Report, explain
 from .runtime.monitor import NonFiniteLossWarning
@@ -63,6 +63,7 @@ __all__ = [
     "SelectorError",
     "ExampleInputsError",
     "FaithfulnessError",
+    "InputShapeError",
     "UnsupportedModelError",
     "NonFiniteLossWarning",
 ]

@@ -47,5 +47,13 @@ class FaithfulnessError(SimfxError, RuntimeError):
     """
 
 
+class InputShapeError(SimfxError, ValueError):
+    """A training batch has a shape the captured training graph cannot run at.
+
+    torch.export specialises the graph to the example's sizes on every axis but the
+    batch; the message names the input, the size it was captured with and the fix.
+    """
+
+
 class UnsupportedModelError(SimfxError, TypeError):
     """The model is wrapped in a way simfx cannot transform (DDP, FSDP, TorchScript)."""

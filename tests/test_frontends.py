@@ -327,6 +327,20 @@ def test_export_frontend_on_resnet18_trains_evaluates_exactly_and_strips():
         assert torch.equal(plain(x), model.eval()(x))
 
 
+def test_an_export_graph_refuses_a_batch_of_another_shape_naming_the_input_and_the_fix():
+    example = {"tokens": torch.randn(2, 5, 6), "mask": torch.ones(2, 5)}
+    sim = simfx.transform(MaskedNet(), example, frontend="export")
+    train_step(sim, torch.randn(3, 5, 6), torch.ones(3, 5))  # another batch size is fine
+    with pytest.raises(simfx.InputShapeError, match=r"input 'tokens' has shape 3x7x6, but the training graph was "
+                       r"captured by torch\.export for Bx5x6 .*Transform with an example of the shape you train with"):
+        sim(torch.randn(3, 7, 6), torch.ones(3, 7))
+    sim.eval()
+    sim(torch.randn(3, 7, 6), torch.ones(3, 7))  # eval runs the model itself, at any shape
+    # fx records shape arithmetic as graph nodes: its graph runs at other sizes.
+    traced = simfx.transform(MaskedNet(), example, frontend="fx")
+    train_step(traced, torch.randn(3, 7, 6), torch.ones(3, 7))
+
+
 class RootChunks(nn.Module):
     """The model's own forward unpacks a tensor: fx fails where no submodule can be made opaque."""
 

@@ -578,6 +578,11 @@ class DictOutput(TinyResNet):
         return {"logits": super().forward(x)}
 
 
+def _export_graph_at_another_length():
+    sim = simfx.transform(TinyResNet(), X, frontend="export")
+    sim(torch.randn(2, *X.shape[1:-1], X.shape[-1] + 4))
+
+
 class DictOutputTakingKwargs(DictOutput):
     """Takes **kwargs, as Hugging Face models do (the Trainer then passes num_items_in_batch)."""
 
@@ -586,6 +591,10 @@ class DictOutputTakingKwargs(DictOutput):
 
 
 MESSAGES.update({
+    "a training batch of another shape than an export graph was captured at": (
+        _export_graph_at_another_length, simfx.InputShapeError,
+        r"input 'x' has shape 2x3x8x12, but the training graph was captured by torch\.export for Bx3x8x8 "
+        r"\(B: any batch size\).*Transform with an example of the shape you train with"),
     "SimLossCallback with gradient accumulation and no num_items_in_batch in the example": (
         _with_module("transformers", lambda: _sim_loss_callback(
             simfx.transform(DictOutputTakingKwargs(), X, loss_in_output=True), gradient_accumulation_steps=2)),

@@ -113,8 +113,17 @@ def export_model(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
         constants=tuple(constants),
         inputs=tuple(args),
         frontend="export",
+        fixed_sizes=tuple(_fixed_sizes(n) for n in graph.nodes if n.op == "placeholder"),
         flag_readers={name: (where, "", value) for name, (where, _, value) in recorder.flag_readers.items()},
     )
+
+
+def _fixed_sizes(placeholder: fx.Node) -> tuple[int | None, ...] | None:
+    """The sizes export specialised an input to: ints, None where it kept the axis symbolic."""
+    value = placeholder.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return None
+    return tuple(size if isinstance(size, int) else None for size in value.shape)
 
 
 def _module_on_stack(names: dict[int, str]) -> str:

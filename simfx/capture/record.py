@@ -70,6 +70,10 @@ class TracedModel:
     and ``output_containers`` (nodes that only rebuild the output's dict or
     ``ModelOutput``).
 
+    ``fixed_sizes`` gives, per input, the sizes the graph only runs at (None for a
+    free axis, None for an input that is not a tensor); empty when the capture does
+    not specialise sizes (fx records shape arithmetic as graph nodes).
+
     ``opaque`` maps the qualified names of modules kept opaque to the reason;
     ``automatic`` names those kept opaque without being asked to (fx failed inside
     them, or they are torch.nn containers of several weight layers). ``calls`` are
@@ -94,6 +98,7 @@ class TracedModel:
     flag_readers: dict[str, tuple[str, str, bool]] = field(default_factory=dict)
     findings: tuple[Finding, ...] = ()
     automatic: tuple[str, ...] = ()
+    fixed_sizes: tuple[tuple[int | None, ...] | None, ...] = ()
 
     def scope(self, node: fx.Node | str) -> tuple[ScopeFrame, ...]:
         """The module calls ``node`` was recorded inside (outermost first)."""

@@ -107,6 +107,7 @@ def rewrite(
         block_names=[b.name for b in plan.blocks],
         per_block=per_block,
         loss_in_output=loss_in_output,
+        fixed_sizes=traced.fixed_sizes,
     )
     sim.simfx_info = SimInfo(
         plan=plan,

@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import FaithfulnessError
+from ..errors import FaithfulnessError, InputShapeError
 from ..capture.inputs import CallTemplate
 from ..capture.module_facts import has_hooks
 
@@ -85,6 +85,7 @@ class SimGraphModule(fx.GraphModule):
         block_names: Sequence[str] = (),
         per_block: bool = False,
         loss_in_output: bool = False,
+        fixed_sizes: Sequence[tuple[int | None, ...] | None] = (),
     ):
         # The dispatching forward needs the call template while fx compiles the graph;
         # the model comes after nn.Module.__init__, whose `training = True` must not
@@ -94,6 +95,7 @@ class SimGraphModule(fx.GraphModule):
         self.__dict__["_simfx_block_names"] = tuple(block_names)
         self.__dict__["_simfx_per_block"] = per_block
         self.__dict__["_simfx_loss_in_output"] = loss_in_output
+        self.__dict__["_simfx_fixed_sizes"] = tuple(fixed_sizes)
         super().__init__(holder, graph, "SimGraphModule")
         self.__dict__[_MODEL] = model
         # fx copied only the attributes the graph references, into fresh container
@@ -162,6 +164,8 @@ class SimGraphModule(fx.GraphModule):
 
     def _simfx_train_step(self, inputs: tuple):
         self._simfx_check_traced_modules()
+        if self.__dict__.get("_simfx_fixed_sizes"):
+            self._simfx_check_sizes(inputs)
         model = self.__dict__[_MODEL]
         if has_hooks(model) or _global_hooks():
             outputs = _with_root_hooks(self, model, inputs)
@@ -197,6 +201,22 @@ class SimGraphModule(fx.GraphModule):
                     f"leaf_modules=['{name}'] to transform so it runs as one call and follows its own mode, or "
                     f"call sim.train() before training."
                 )
+
+    def _simfx_check_sizes(self, inputs: tuple) -> None:
+        for name, value, sizes in zip(self._simfx_call.names, inputs, self._simfx_fixed_sizes):
+            if sizes is None or not isinstance(value, torch.Tensor):
+                continue
+            shape = tuple(value.shape)
+            if len(shape) == len(sizes) and all(s is None or s == n for s, n in zip(sizes, shape)):
+                continue
+            wanted = "x".join("B" if s is None else str(s) for s in sizes)
+            raise InputShapeError(
+                f"input '{name}' has shape {'x'.join(map(str, shape))}, but the training graph was captured by "
+                f"torch.export for {wanted} (B: any batch size): export fixes every other axis to the example's. "
+                f"Transform with an example of the shape you train with (pad to a fixed length, e.g. "
+                f"padding='max_length'), or one module per shape; frontend='fx' keeps sizes free where fx can "
+                f"trace the model."
+            )
 
     # --- copying and pickling -----------------------------------------------------
     # fx's own pickling and deepcopy rebuild a plain GraphModule from the code alone;
