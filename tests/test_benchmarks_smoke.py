@@ -92,6 +92,17 @@ def test_transform_time_quick_run_times_every_stage(tmp_path):
         assert r["nodes"] > 50
 
 
+@pytest.mark.slow
+def test_export_time_quick_run_times_the_transform_against_plain_exports(tmp_path):
+    pytest.importorskip("transformers")  # the timed model is a tiny BertModel
+    _run("export_time.py", tmp_path)
+    row, = json.loads((tmp_path / "export_time-quick.json").read_text())["rows"]
+    assert row["model"] == "bert-2x32"
+    assert row["plain_export_s"] > 0 and row["plain_export_dynamic_batch_s"] > 0
+    assert row["ratio"] == pytest.approx(row["transform_s"] / row["plain_export_s"], rel=0.01, abs=0.01)
+    assert {"export", "shapes", "rewrite", "check"} <= {s for s, v in row["stages_s"].items() if v}
+
+
 @pytest.fixture(scope="module")
 def overhead():
     with loaded_script(ROOT / "benchmarks" / "overhead.py", "overhead_bench") as module:
