@@ -203,6 +203,39 @@ def _with_note(error: Exception, note: str) -> Exception:
     return type(error)(f"{error}\n{note}")
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One transform: what every capture attempt needs."""
+
+    model: nn.Module
+    inputs: ExampleInputs
+    flags: Mapping[str, Any]
+    notes: tuple[str, ...]
+    capture: _Capture
+    selection: _Selection
+    per_block: bool
+    check: bool
+    loss_in_output: bool
+
+    def attempt(self, frontend: str) -> _Built:
+        """Capture with ``frontend``, select, and (when a block is chosen) rewrite and check."""
+        built = _analyse(self.model, self.inputs, frontend, self.capture, self.selection)
+        built.notes = self.notes
+        if built.plan.blocks:
+            built.sim = rewrite(
+                built.traced, built.plan, candidates=built.candidates, per_block=self.per_block,
+                loss_in_output=self.loss_in_output,
+                eval_call=built.traced.call.without(tuple(self.flags)), notes=self.notes,
+            )
+            status = check_training_graph(built.sim, built.traced) if self.check else "skipped: check=False"
+            built.sim.simfx_info = _with_check(built.sim.simfx_info, status)
+        return built
+
+
+# What makes a capture attempt fail in a way the other frontend may not.
+_CAPTURE_FAILURES = (TraceError, FaithfulnessError, NoEligibleBlockError, ExampleInputsError)
+
+
 def _build_with_fallbacks(model, user_inputs, capture: _Capture, selection: _Selection, *, per_block: bool,
                           check: bool, loss_in_output: bool = False) -> _Built:
     if capture.frontend not in FRONTENDS:
@@ -213,79 +246,66 @@ def _build_with_fallbacks(model, user_inputs, capture: _Capture, selection: _Sel
         f"model's default; training does not need it); eval mode calls the model as you do"
         for name, value in flags.items()
     )
-
-    def attempt(frontend: str) -> _Built:
-        built = _analyse(model, inputs, frontend, capture, selection)
-        built.notes = notes
-        if built.plan.blocks:
-            built.sim = rewrite(
-                built.traced, built.plan, candidates=built.candidates, per_block=per_block,
-                loss_in_output=loss_in_output,
-                eval_call=built.traced.call.without(tuple(flags)), notes=notes,
-            )
-            status = check_training_graph(built.sim, built.traced) if check else "skipped: check=False"
-            built.sim.simfx_info = _with_check(built.sim.simfx_info, status)
-        return built
-
+    job = _Job(model, inputs, flags, notes, capture, selection, per_block, check, loss_in_output)
     if capture.frontend != "auto":
-        return attempt(capture.frontend)
+        return job.attempt(capture.frontend)
     try:
-        built = attempt("fx")
-    except ExampleInputsError as fx_error:
-        # fx may have taken the wrong branch on a proxy (torch.is_tensor(proxy) is False):
-        # the graph then fails on inputs the model accepts. Export runs the real code.
-        if getattr(fx_error, "partial_shapes", None) is None:
-            raise  # the inputs do not fit the forward's signature: no frontend can help
-        try:
-            return attempt("export")
-        except (TraceError, FaithfulnessError, NoEligibleBlockError, ExampleInputsError) as export_error:
-            raise ExampleInputsError(
-                f"{fx_error}\nsimfx also tried torch.export (frontend='auto'), in case fx mis-traced the model: "
-                f"{_cause(export_error)}"
-            ) from export_error
-    except TraceError as fx_error:
-        if fx_error.module_name and not capture.auto_opaque:
-            raise  # the user asked for an error inside submodules rather than opaque blocks
-        try:
-            return attempt("export")
-        except (TraceError, FaithfulnessError, NoEligibleBlockError, ExampleInputsError) as export_error:
-            raise TraceError(
-                f"{fx_error}\nsimfx also tried torch.export (frontend='auto'): {_cause(export_error)}",
-                fx_error.module_name, fx_error.module_type, fx_error.cause,
-            ) from export_error
-    except (NoEligibleBlockError, FaithfulnessError) as fx_error:
-        try:
-            built = attempt("export")
-        except (TraceError, FaithfulnessError, NoEligibleBlockError, ExampleInputsError) as export_error:
-            raise type(fx_error)(
-                f"{fx_error}\nsimfx also tried torch.export (frontend='auto'): {_cause(export_error)}"
-            ) from export_error
+        built = job.attempt("fx")
+    except _CAPTURE_FAILURES as fx_error:
+        return _export_after_fx_failed(job, fx_error)
+    return _export_where_fx_sees_little(job, built)
+
+
+def _export_after_fx_failed(job: _Job, fx_error: Exception) -> _Built:
+    """``frontend="auto"`` after fx failed: export, or one error saying what both frontends found."""
+    if isinstance(fx_error, ExampleInputsError) and getattr(fx_error, "partial_shapes", None) is None:
+        raise fx_error  # the inputs do not fit the forward's signature: no frontend can help
+    if isinstance(fx_error, TraceError) and fx_error.module_name and not job.capture.auto_opaque:
+        raise fx_error  # the user asked for an error inside submodules rather than opaque blocks
+    try:
+        built = job.attempt("export")
+    except _CAPTURE_FAILURES as export_error:
+        also = f"simfx also tried torch.export (frontend='auto'): {_cause(export_error)}"
+        if isinstance(fx_error, ExampleInputsError):
+            # fx may have taken the wrong branch on a proxy (torch.is_tensor(proxy) is False):
+            # the graph then fails on inputs the model accepts. Export runs the real code.
+            also = also.replace("(frontend='auto')", "(frontend='auto'), in case fx mis-traced the model")
+            raise ExampleInputsError(f"{fx_error}\n{also}") from export_error
+        if isinstance(fx_error, TraceError):
+            raise TraceError(f"{fx_error}\n{also}", fx_error.module_name, fx_error.module_type,
+                             fx_error.cause) from export_error
+        raise type(fx_error)(f"{fx_error}\n{also}") from export_error
+    if isinstance(fx_error, (NoEligibleBlockError, FaithfulnessError)):
         log.info("simfx: fx gave no usable training graph (%s); using torch.export", _cause(fx_error))
-        return built
+    return built
+
+
+def _export_where_fx_sees_little(job: _Job, built: _Built) -> _Built:
+    """``frontend="auto"`` after fx succeeded: export instead when fx chose nothing or hid most parameters."""
     if not built.plan.blocks:  # find_boundaries' preview: fx found nothing to select
         try:
-            exported = attempt("export")
-        except (TraceError, FaithfulnessError, NoEligibleBlockError, ExampleInputsError):
+            exported = job.attempt("export")
+        except _CAPTURE_FAILURES:
             return built
         return exported if exported.plan.blocks else built
-    hidden = _hidden_share(model, built.traced)
-    if hidden > OPAQUE_LIMIT:
-        try:
-            exported = attempt("export")
-        except (TraceError, FaithfulnessError, NoEligibleBlockError, ExampleInputsError) as error:
-            # Modules made opaque in an earlier round may sit inside one made opaque later: list the ones left.
-            shown = [name for name in built.traced.automatic if name in built.traced.opaque][:3]
-            hidden_modules = ", ".join(f"'{name}' ({built.traced.opaque[name]})" for name in shown)
-            warnings.warn(
-                f"simfx: fx kept {100 * hidden:.0f}% of {type(model).__name__}'s parameters in opaque modules "
-                f"({hidden_modules}), so SIM sees only {built.plan.names}; torch.export could not capture the model "
-                f"either: {_cause(error)}",
-                stacklevel=3,
-            )
-            return built
-        log.info("simfx: fx left %.0f%% of the parameters in opaque modules; using torch.export", 100 * hidden)
-        return exported
-    return built
+    hidden = _hidden_share(job.model, built.traced)
+    if hidden <= OPAQUE_LIMIT:
+        return built
+    try:
+        exported = job.attempt("export")
+    except _CAPTURE_FAILURES as error:
+        # Modules made opaque in an earlier round may sit inside one made opaque later: list the ones left.
+        shown = [name for name in built.traced.automatic if name in built.traced.opaque][:3]
+        hidden_modules = ", ".join(f"'{name}' ({built.traced.opaque[name]})" for name in shown)
+        warnings.warn(
+            f"simfx: fx kept {100 * hidden:.0f}% of {type(job.model).__name__}'s parameters in opaque modules "
+            f"({hidden_modules}), so SIM sees only {built.plan.names}; torch.export could not capture the model "
+            f"either: {_cause(error)}",
+            stacklevel=5,
+        )
+        return built
+    log.info("simfx: fx left %.0f%% of the parameters in opaque modules; using torch.export", 100 * hidden)
+    return exported
 
 
 def _analyse(model, inputs: ExampleInputs, frontend: str, capture: _Capture, selection: _Selection) -> _Built:
