@@ -168,7 +168,29 @@ def bound_forward_class(model: nn.Module, inputs: ExampleInputs) -> tuple[type |
     )
     if plain:
         return None, None
-    takes_any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    _check_binding(cls, signature, inputs)
+
+    positional = [p.name for p in params if p.kind in _POSITIONAL]
+    star = next((p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), "args")
+    binder = _Binder()
+    slots, keyword_slots, call_args = [], [], []
+    for i, value in enumerate(inputs.args):
+        name = positional[i] if i < len(positional) else f"{star}_{i - len(positional)}"
+        slot, source = binder.bind(value, name, f"_c{i}")
+        slots.append(slot)
+        call_args.append(source)
+    for key, value in inputs.kwargs.items():
+        slot, source = binder.bind(value, key, f"_k_{key}")
+        keyword_slots.append((key, slot))
+        call_args.append(f"**{{{key!r}: {source}}}")
+    forward = binder.forward(cls, call_args)
+    bound = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return bound, CallTemplate(tuple(slots), tuple(keyword_slots), tuple(binder.placeholders))
+
+
+def _check_binding(cls: type, signature: inspect.Signature, inputs: ExampleInputs) -> None:
+    """An :class:`ExampleInputsError` when the example cannot be passed to ``cls.forward``."""
+    takes_any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     unknown = [k for k in inputs.kwargs if k not in signature.parameters and not takes_any_keyword]
     problem = f"it has no parameter {unknown[0]!r}" if unknown else _binding_problem(signature, inputs)
     if problem:
@@ -177,50 +199,42 @@ def bound_forward_class(model: nn.Module, inputs: ExampleInputs) -> tuple[type |
             f"Pass the forward's positional arguments as a tuple, or its keyword arguments as a dict."
         )
 
-    positional = [p.name for p in params if p.kind in _POSITIONAL]
-    star = next((p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), "args")
-    placeholders: list[str] = []
-    constants: dict[str, Any] = {}
 
-    def bind(value: Any, name: str, key: str) -> tuple[tuple[str, Any], str]:
+class _Binder:
+    """Writes the generated forward's parameters (one per example tensor) and its bound constants."""
+
+    def __init__(self) -> None:
+        self.placeholders: list[str] = []
+        self.constants: dict[str, Any] = {}
+
+    def bind(self, value: Any, name: str, key: str) -> tuple[tuple[str, Any], str]:
         """(slot, source expression) of one argument value in the generated forward."""
         if isinstance(value, torch.Tensor):
-            name = name if name.isidentifier() and name not in placeholders else f"input_{len(placeholders)}"
-            placeholders.append(name)
-            return (_INPUT, len(placeholders) - 1), name
+            name = name if name.isidentifier() and name not in self.placeholders else f"input_{len(self.placeholders)}"
+            self.placeholders.append(name)
+            return (_INPUT, len(self.placeholders) - 1), name
         leaves, spec = pytree.tree_flatten(value)
         if any(isinstance(leaf, torch.Tensor) for leaf in leaves) and not spec.is_leaf():
             # Tensors inside a structure are inputs too: the forward rebuilds the structure.
-            bound = [bind(leaf, f"{name}_{j}", f"{key}_{j}") for j, leaf in enumerate(leaves)]
-            constants[f"_spec_{key}"] = spec
+            bound = [self.bind(leaf, f"{name}_{j}", f"{key}_{j}") for j, leaf in enumerate(leaves)]
+            self.constants[f"_spec_{key}"] = spec
             expressions = ", ".join(source for _, source in bound)
             return (_TREE, (spec, tuple(slot for slot, _ in bound))), (
                 f"_unflatten([{expressions}], _constants['_spec_{key}'])")
-        constants[key] = value
+        self.constants[key] = value
         return ("constant", value), f"_constants[{key!r}]"
 
-    slots: list[tuple[str, Any]] = []
-    keyword_slots: list[tuple[str, tuple[str, Any]]] = []
-    call_args: list[str] = []
-    for i, value in enumerate(inputs.args):
-        name = positional[i] if i < len(positional) else f"{star}_{i - len(positional)}"
-        slot, source = bind(value, name, f"_c{i}")
-        slots.append(slot)
-        call_args.append(source)
-    for key, value in inputs.kwargs.items():
-        slot, source = bind(value, key, f"_k_{key}")
-        keyword_slots.append((key, slot))
-        call_args.append(f"**{{{key!r}: {source}}}")
-    source = (
-        f"def forward(self, {', '.join(placeholders)}):\n"
-        f"    return _forward(self, {', '.join(call_args)})\n"
-    )
-    namespace = {"_forward": cls.forward, "_constants": constants, "_unflatten": pytree.tree_unflatten}
-    exec(compile(source, f"<simfx bound {cls.__name__}.forward>", "exec"), namespace)
-    forward = namespace["forward"]
-    forward.__qualname__ = f"{cls.__qualname__}.forward"
-    bound = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
-    return bound, CallTemplate(tuple(slots), tuple(keyword_slots), tuple(placeholders))
+    def forward(self, cls: type, call_args: list[str]):
+        """``forward(self, <placeholders>)`` calling ``cls.forward`` with ``call_args``."""
+        source = (
+            f"def forward(self, {', '.join(self.placeholders)}):\n"
+            f"    return _forward(self, {', '.join(call_args)})\n"
+        )
+        namespace = {"_forward": cls.forward, "_constants": self.constants, "_unflatten": pytree.tree_unflatten}
+        exec(compile(source, f"<simfx bound {cls.__name__}.forward>", "exec"), namespace)
+        forward = namespace["forward"]
+        forward.__qualname__ = f"{cls.__qualname__}.forward"
+        return forward
 
 
 def _binding_problem(signature: inspect.Signature, inputs: ExampleInputs) -> str:
