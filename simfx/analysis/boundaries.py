@@ -341,66 +341,72 @@ class _Region:
 def find_candidates(traced: TracedModel, shapes: GraphShapes) -> list[Boundary]:
     """Every module-scope and residual-region candidate of the captured graph, in graph order."""
     facts = _GraphFacts(traced, shapes)
-    opaque = traced.opaque
-
     frames: dict[ScopeFrame, list[fx.Node]] = {}
     for node in facts.nodes:
         for frame in facts.scope(node):
             frames.setdefault(frame, []).append(node)
     frame_regions = {frame: _analyse_region(nodes, facts) for frame, nodes in frames.items() if frame.name}
+    owned, standalone = _residuals(frames, frame_regions, facts)
+    candidates = [_module_boundary(frame, region, frame in owned, traced.opaque, facts)
+                  for frame, region in frame_regions.items()]
+    candidates += [_region_boundary(name, region, facts) for name, region in standalone]
+    candidates.sort(key=lambda b: (facts.order[facts.by_name[b.nodes[0]]], -len(b.nodes)))
+    return candidates
 
-    adds = [_residual_region(n, facts) for n in facts.nodes if is_add(n)]
-    adds = [r for r in adds if r is not None]
 
-    owned: dict[ScopeFrame, fx.Node] = {}
+def _residuals(frames, frame_regions, facts: _GraphFacts) -> tuple[set[ScopeFrame], list[tuple[str, _Region]]]:
+    """Module scopes that own a residual add, and residual regions that stand as candidates of their own."""
+    owned: set[ScopeFrame] = set()
     standalone: list[tuple[str, _Region]] = []
-    for add, region in adds:
+    for add in (n for n in facts.nodes if is_add(n)):
+        found = _residual_region(add, facts)
+        if found is None:
+            continue
+        add, region = found
         owner, enclosing = _owner(add, region, frames, frame_regions, facts)
         if owner is not None:
-            owned.setdefault(owner, add)
+            owned.add(owner)
             if frame_regions[owner].entry is region.entry:
                 continue  # the module is this residual (up to a norm or activation after the add)
         # A residual of some inner value (the second residual of a transformer layer)
         # stays a candidate: when auto prefers a residual module nested deeper (HF
         # BertLayer's BertAttention), the layer's feed-forward residual still gets SIM.
         standalone.append((_residual_name(region, enclosing, facts, standalone), region))
+    return owned, standalone
 
-    candidates = []
-    for frame, region in frame_regions.items():
-        module = facts.module(frame.name)
-        is_opaque = frame.name in opaque and region.nodes[0].op == "call_module"
-        candidates.append(
-            _make_boundary(
-                name=frame.key,
-                kind="module",
-                module_type=frame.type,
-                region=region,
-                facts=facts,
-                residual=frame in owned or _sums_branches_of_entry(region, facts, frame),
-                opaque=is_opaque,
-                has_weight=module is not None and any(p.dim() >= 2 for p in module.parameters()),
-                container_child=_parent_is_container(frame.name, facts),
-                module_name=frame.name,
-                opaque_reason=opaque[frame.name] if is_opaque else "",
-            )
-        )
-    for name, region in standalone:
-        candidates.append(
-            _make_boundary(
-                name=name,
-                kind="residual",
-                module_type=None,
-                region=region,
-                facts=facts,
-                residual=True,
-                opaque=False,
-                has_weight=any(facts.applies_weight(n) for n in region.nodes),
-                container_child=False,
-                module_name=None,
-            )
-        )
-    candidates.sort(key=lambda b: (facts.order[facts.by_name[b.nodes[0]]], -len(b.nodes)))
-    return candidates
+
+def _module_boundary(frame: ScopeFrame, region: _Region, owns_residual: bool, opaque: Mapping[str, str],
+                     facts: _GraphFacts) -> Boundary:
+    module = facts.module(frame.name)
+    is_opaque = frame.name in opaque and region.nodes[0].op == "call_module"
+    return _make_boundary(
+        name=frame.key,
+        kind="module",
+        module_type=frame.type,
+        region=region,
+        facts=facts,
+        residual=owns_residual or _sums_branches_of_entry(region, facts, frame),
+        opaque=is_opaque,
+        has_weight=module is not None and any(p.dim() >= 2 for p in module.parameters()),
+        container_child=_parent_is_container(frame.name, facts),
+        module_name=frame.name,
+        opaque_reason=opaque[frame.name] if is_opaque else "",
+    )
+
+
+def _region_boundary(name: str, region: _Region, facts: _GraphFacts) -> Boundary:
+    return _make_boundary(
+        name=name,
+        kind="residual",
+        module_type=None,
+        region=region,
+        facts=facts,
+        residual=True,
+        opaque=False,
+        has_weight=any(facts.applies_weight(n) for n in region.nodes),
+        container_child=False,
+        module_name=None,
+    )
 
 
 def _residual_name(region: _Region, enclosing: ScopeFrame | None, facts: _GraphFacts, named: list) -> str:
