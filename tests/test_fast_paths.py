@@ -160,7 +160,7 @@ def test_under_torch_compile_norm_mse_is_the_plain_expression(monkeypatch):
 
 from simfx.runtime import fused, heads  # noqa: E402
 from simfx.runtime.objectives import RhoSim  # noqa: E402
-from simfx.runtime.tokens import draw_index, sampled_input_tokens  # noqa: E402
+from simfx.runtime.tokens import draw_index, put_tokens, sampled_input_tokens  # noqa: E402
 
 
 def _tokens(batch, k, width, *, channel_first, dtype=torch.float64, grad=False):
@@ -268,20 +268,80 @@ def test_fused_head_equals_the_reference_head_through_sampling_and_pooling(monke
     _assert_same_loss_and_gradients(fast, _value_and_grads(head(x, y), y, head))
 
 
-def test_compiled_cpu_graph_calls_the_operator_and_equals_eager():
-    head = build_objective(SimOptions(token_ratio=1.0), in_channel_dim=1, out_channel_dim=1, in_width=4, out_width=6)
-    x, y = torch.randn(2, 4, 4, 4), torch.randn(2, 6, 2, 2, requires_grad=True)
-    eager = _value_and_grads(head(x, y), y, head)
+def _compiled_graph_targets(head, x, y):
+    """The compiled head's loss and gradients (``aot_eager``) and the targets its graphs call."""
     graphs = []
 
     def backend(gm, example_inputs):
         graphs.append(gm)
-        return gm
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
 
+    torch._dynamo.reset()
     compiled = torch.compile(head, backend=backend, fullgraph=True)
     got = _value_and_grads(compiled(x, y), y, head)
-    operator = torch.ops.simfx.rho_sim_norm_mse
-    assert any(n.target in (operator, operator.default) for g in graphs for n in g.graph.nodes)
+    return got, {n.target for g in graphs for n in g.graph.nodes}
+
+
+def _calls(targets, operator):
+    return operator in targets or operator.default in targets
+
+
+# Each layout the block operator admits: channel-first maps (a strided block: x pooled
+# onto y's grid, pre_proj), (B, N, C) tokens, NHWC maps, a channels_last tensor, kept
+# channels narrowed (channel_ratio), and 1-d maps.
+_BLOCK_LAYOUTS = {
+    "nchw-strided": ((3, 4, 8, 8), (3, 6, 4, 4), 1, {}),
+    "tokens": ((3, 9, 5), (3, 9, 5), 2, {}),
+    "nhwc": ((3, 4, 4, 5), (3, 2, 2, 7), 3, {}),
+    "channels-last": ((2, 6, 4, 4), (2, 6, 4, 4), 1, {"channels_last": True}),
+    "narrowed": ((2, 8, 4, 4), (2, 8, 4, 4), 1, {"channel_ratio": 0.5}),
+    "1d": ((2, 5, 10), (2, 6, 10), 1, {}),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_BLOCK_LAYOUTS))
+@pytest.mark.parametrize("strategy", ["shared", "per_sample", "topk_mean"])
+@pytest.mark.parametrize("ratio", [0.3, 1.0])
+def test_compiled_cpu_graph_runs_each_block_as_one_operator_with_eager_values(layout, strategy, ratio, monkeypatch):
+    # aot_eager runs the operator eagerly, so it draws from the same generator as eager
+    # mode: with the same seed, the same tokens, loss and gradients as the reference.
+    x_shape, y_shape, channel_dim, extra = _BLOCK_LAYOUTS[layout]
+    extra = dict(extra)
+    channels_last = extra.pop("channels_last", False)
+    options = SimOptions(token_ratio=ratio, token_sampling=strategy, **extra)
+    head = build_objective(options, in_channel_dim=channel_dim, out_channel_dim=channel_dim,
+                           in_width=x_shape[channel_dim], out_width=y_shape[channel_dim]).double()
+    x = torch.randn(*x_shape, dtype=torch.float64)
+    y = torch.randn(*y_shape, dtype=torch.float64)
+    if channels_last:
+        x, y = x.contiguous(memory_format=torch.channels_last), y.contiguous(memory_format=torch.channels_last)
+    y.requires_grad_(True)
+    torch.manual_seed(7)
+    got, targets = _compiled_graph_targets(head, x, y)
+    assert _calls(targets, torch.ops.simfx.rho_sim_block)
+    _without_fast_path(monkeypatch)
+    torch.manual_seed(7)
+    _assert_same_loss_and_gradients(got, _value_and_grads(head(x, y), y, head))
+
+
+def test_compiled_block_operator_gives_the_reference_nan_and_zero_gradients():
+    head = build_objective(SimOptions(), in_channel_dim=1, out_channel_dim=1, in_width=4, out_width=4)
+    x, y = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    y[0, 1] = float("nan")  # a whole channel: whichever tokens the draw picks
+    y.requires_grad_(True)
+    (loss, grads), targets = _compiled_graph_targets(head, x, y)
+    assert _calls(targets, torch.ops.simfx.rho_sim_block) and torch.isnan(loss)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_compiled_vectors_keep_the_loss_operator_and_equal_eager():
+    # (B, C) outputs: the batch is the token axis, so the block operator steps aside
+    # and the compiled graph samples around the loss operator.
+    head = build_objective(SimOptions(token_ratio=1.0), in_channel_dim=1, out_channel_dim=1, in_width=4, out_width=6)
+    x, y = torch.randn(5, 4), torch.randn(5, 6, requires_grad=True)
+    eager = _value_and_grads(head(x, y), y, head)
+    got, targets = _compiled_graph_targets(head, x, y)
+    assert _calls(targets, torch.ops.simfx.rho_sim_norm_mse) and not _calls(targets, torch.ops.simfx.rho_sim_block)
     torch.testing.assert_close(got[0], eager[0])
     for g, h in zip(got[1], eager[1]):
         torch.testing.assert_close(g, h)
@@ -294,6 +354,18 @@ def test_custom_operator_registration_passes_opcheck(widths):
     x, y = torch.randn(2, 4, cin), torch.randn(2, 4, cout, requires_grad=True)
     layers = fused._layers(objective, x, y)
     torch.library.opcheck(torch.ops.simfx.rho_sim_norm_mse.default, (y, x, *layers))
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_sample", "topk_mean"])
+@pytest.mark.parametrize("ratio", [(1, 5), (1, 1)])
+@pytest.mark.parametrize("widths", [(4, 4), (4, 6)])
+def test_block_operator_registration_passes_opcheck(strategy, ratio, widths):
+    cin, cout = widths
+    head = build_objective(SimOptions(), in_channel_dim=1, out_channel_dim=1, in_width=cin, out_width=cout)
+    x, y = torch.randn(2, cin, 8, 8), torch.randn(2, cout, 4, 4, requires_grad=True)
+    layers = fused._layers(head.objective, x, y)
+    torch.library.opcheck(torch.ops.simfx.rho_sim_block.default,
+                          (x, y, *layers, 1, 1, cin, cout, *ratio, 2, strategy))
 
 
 # --- sampling shortcuts (simfx.runtime.tokens) ----------------------------------------------
@@ -312,6 +384,27 @@ def test_sampled_windows_equal_pooling_the_whole_map_then_sampling(rank, strateg
     # Channels last (NHWC) on both sides, as torchvision's Swin has them.
     x_last, y_last = x.movedim(1, -1), y.movedim(1, -1)
     torch.testing.assert_close(sampled_input_tokens(x_last, rank + 1, y_last, rank + 1, index), want)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last", "tokens", "narrowed", "all-tokens"])
+def test_put_tokens_writes_the_gradient_autograd_gives_the_map(shared, layout):
+    maps = torch.randn(2, 6, 4, 4)
+    if layout == "channels-last":
+        maps = maps.contiguous(memory_format=torch.channels_last)
+    channel_dim, channels = (2, 6) if layout == "tokens" else (1, 3 if layout == "narrowed" else 6)
+    if layout == "tokens":
+        maps = maps.flatten(2).transpose(1, 2).contiguous()  # (B, N, C)
+    maps.requires_grad_(True)
+    tokens = to_tokens(maps.narrow(channel_dim, 0, channels), channel_dim)
+    n = tokens.shape[1]
+    index = None if layout == "all-tokens" else draw_index(n, 5, 2, "shared" if shared else "per_sample", maps.device)
+    picked = tokens if index is None else take_tokens(tokens, index)
+    values = torch.randn_like(picked)
+    (want,) = torch.autograd.grad(picked, maps, values)
+    got = torch.zeros_like(maps)
+    put_tokens(to_tokens(got.narrow(channel_dim, 0, channels), channel_dim), index, values)
+    assert torch.equal(got, want)
 
 
 def test_take_tokens_on_large_maps_uses_the_matrix_selection_with_the_same_values_and_gradients():

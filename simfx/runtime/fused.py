@@ -31,12 +31,15 @@ and cast cache are autograd's business), activations in the reconstructor's dtyp
 at least two sampled tokens, the module structure ``RhoSim`` builds, and no hooks
 on it or forward replaced on the instance. Elsewhere :func:`rho_sim_norm_mse`
 returns ``None`` and the caller runs the reference. Under ``torch.compile`` on a
-CPU it is one opaque operator per block (see the end of this file); on other
-devices the compiler gets the reference expression, which it fuses.
+CPU the whole block, its token sampling included, is one opaque operator
+(:func:`rho_sim_block_loss`), or the loss alone where the block's layout does not
+admit that (see the end of this file); on other devices the compiler gets the
+reference expression, which it fuses.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional  # typing's forms: torch 2.5's schema inference knows only these
 
 import torch
@@ -45,8 +48,9 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
 from .losses import norm_mse_backward, norm_mse_forward_stacked
+from .tokens import narrow_channels, put_tokens, sample_block_tokens, sample_count, to_tokens
 
-__all__ = ["rho_sim_norm_mse"]
+__all__ = ["rho_sim_norm_mse", "rho_sim_block_loss"]
 
 
 def rho_sim_norm_mse(objective: nn.Module, x_tokens: Tensor, y_tokens: Tensor) -> Tensor | None:
@@ -56,6 +60,8 @@ def rho_sim_norm_mse(objective: nn.Module, x_tokens: Tensor, y_tokens: Tensor) -
     ``y_tokens`` are the sampled ``(B, k, C_in)`` and ``(B, k, C_out)`` tokens, not yet
     checked for finiteness (non-finite ones give NaN, as in the reference).
     """
+    if y_tokens.shape[1] < 2:
+        return None  # one token: norm_mse's special case
     layers = _layers(objective, x_tokens, y_tokens)
     if layers is None:
         return None
@@ -65,8 +71,12 @@ def rho_sim_norm_mse(objective: nn.Module, x_tokens: Tensor, y_tokens: Tensor) -
 
 
 def _layers(objective: nn.Module, x_tokens: Tensor, y_tokens: Tensor) -> tuple | None:
-    """``(pre_proj weight or None, w1, b1, w2, b2, w3, b3, wp, bp)`` if the fast path applies."""
-    if objective.loss != "norm_mse" or y_tokens.shape[1] < 2:
+    """``(pre_proj weight or None, w1, b1, w2, b2, w3, b3, wp, bp)`` if the fast path applies.
+
+    ``x_tokens`` and ``y_tokens`` are the block's tokens or the activations they come
+    from: only their dtypes and devices are read.
+    """
+    if objective.loss != "norm_mse":
         return None
     if torch.compiler.is_compiling() and y_tokens.device.type != "cpu":
         return None  # on a GPU the compiler's fused kernels of the reference beat ~60 separate ones
@@ -269,11 +279,15 @@ def _rho_sim_op(
     w3: Tensor, b3: Tensor, wp: Tensor, bp: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, finite, *unit gradients of (y_tokens, pre_w, w1, ..., bp))``; ``pre_w``'s is empty without it."""
-    layers = (pre_w, w1, b1, w2, b2, w3, b3, wp, bp)
+    return _operator_outputs(y_tokens, x_tokens, (pre_w, w1, b1, w2, b2, w3, b3, wp, bp))
+
+
+def _operator_outputs(y_tokens: Tensor, x_tokens: Tensor, layers: tuple) -> tuple:
+    """``(loss, finite, *units)`` of :func:`_loss_and_unit_gradients` as an operator returns them: all tensors."""
     loss, finite, units = _loss_and_unit_gradients(y_tokens, x_tokens, layers, (True,) * 10)
     if isinstance(finite, bool):
         finite = torch.tensor(finite, device=loss.device)
-    if pre_w is None:
+    if layers[0] is None:
         units[1] = y_tokens.new_empty(0)
     return (loss, finite, *units)
 
@@ -313,3 +327,126 @@ def _scale_op(grad: Tensor, finite: Tensor, units: List[Tensor]) -> List[Tensor]
 @_scale_op.register_fake
 def _(grad, finite, units):
     return [torch.empty_like(u) for u in units]
+
+
+# --- under torch.compile (CPU): the whole block, sampling included, as one operator -------
+#
+# With only the loss opaque, inductor still built C++ kernels for each block's token
+# sampling (the draw, the gathers, the pooling of strided blocks) and for the scatter
+# of the sampled tokens' gradient: most of what a transformed resnet18 still added to
+# its first compile (+17 s on a 33 s plain compile, against +4 s with sampling off).
+# This operator runs the eager sampling of :func:`~simfx.runtime.tokens.sample_block_tokens`
+# and the loss above in one call; its backward writes the scaled token gradient into a
+# zero map with :func:`~simfx.runtime.tokens.put_tokens`. The draw happens inside, from
+# torch's global generator, as in eager mode (a compiled run's draws differ from eager's
+# anyway: inductor has its own random streams).
+
+
+def rho_sim_block_loss(objective: nn.Module, x: Tensor, y: Tensor, sampling: dict) -> Tensor | None:
+    """Under ``torch.compile`` on a CPU, the block's loss as one operator; ``None`` where it does not apply.
+
+    ``x`` and ``y`` are the block's input and output; ``sampling`` is
+    :meth:`~simfx.runtime.heads.BoundaryObjective.sampling`. It applies where the fast
+    path does (:func:`_layers`) and where the gradient's token view is a view of a
+    plain map: tokens per sample (``y`` of rank 3 or more) with channels first or last.
+    """
+    rank, channel_dim = y.dim(), sampling["out_channel_dim"]
+    if rank < 3 or channel_dim not in (1, rank - 1) or y.numel() == 0:
+        return None
+    if y.shape[1:].numel() // y.shape[channel_dim] < 2:
+        return None  # one token: norm_mse's special case
+    layers = _layers(objective, x, y)
+    if layers is None:
+        return None
+    ratio = sampling["ratio"]
+    return torch.ops.simfx.rho_sim_block(
+        x, y, *layers, sampling["in_channel_dim"], channel_dim, sampling["in_channels"], sampling["out_channels"],
+        ratio[0], ratio[1], sampling["min_tokens"], sampling["strategy"],
+    )[0]
+
+
+_RANDOM = {"tags": (torch.Tag.nondeterministic_seeded,)} if "tags" in inspect.signature(
+    torch.library.custom_op).parameters else {}  # torch >= 2.6: the partitioner never recomputes a draw
+
+
+@torch.library.custom_op("simfx::rho_sim_block", mutates_args=(), **_RANDOM)
+def _block_op(
+    x: Tensor, y: Tensor, pre_w: Optional[Tensor], w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
+    b3: Tensor, wp: Tensor, bp: Tensor, in_channel_dim: int, out_channel_dim: int, in_channels: int,
+    out_channels: int, numerator: int, denominator: int, min_tokens: int, strategy: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, finite, index, *unit gradients of (y_tokens, pre_w, w1, ..., bp))``.
+
+    ``index`` is empty when every token was used; ``pre_w``'s gradient is empty without it.
+    """
+    x_tokens, y_tokens, index = sample_block_tokens(
+        x, y, in_channel_dim=in_channel_dim, out_channel_dim=out_channel_dim, in_channels=in_channels,
+        out_channels=out_channels, ratio=(numerator, denominator), min_tokens=min_tokens, strategy=strategy)
+    loss, finite, *units = _operator_outputs(y_tokens, x_tokens, (pre_w, w1, b1, w2, b2, w3, b3, wp, bp))
+    # A per-sample draw is a slice of its sort: contiguous, as the fake kernel says.
+    index = torch.empty(0, dtype=torch.long, device=y.device) if index is None else index.contiguous()
+    return (loss, finite, index, *units)
+
+
+@_block_op.register_fake
+def _(x, y, pre_w, w1, b1, w2, b2, w3, b3, wp, bp, in_channel_dim, out_channel_dim, in_channels, out_channels,
+      numerator, denominator, min_tokens, strategy):
+    batch = y.shape[0]
+    n = y.shape[1:].numel() // y.shape[out_channel_dim]
+    k = sample_count(n, numerator, denominator, min_tokens)
+    index_shape = (0,) if k >= n else (k,) if strategy == "shared" else (batch, k)
+    return (
+        y.new_empty((), dtype=torch.float32), y.new_empty((), dtype=torch.bool),
+        y.new_empty(index_shape, dtype=torch.long), y.new_empty((batch, k, out_channels)),
+        y.new_empty(0) if pre_w is None else torch.empty_like(pre_w),
+        *(torch.empty_like(t) for t in (w1, b1, w2, b2, w3, b3, wp, bp)),
+    )
+
+
+def _setup_block(ctx, inputs, output):
+    y, pre_w = inputs[1], inputs[2]
+    ctx.has_pre = pre_w is not None
+    ctx.y_size = list(y.shape)
+    ctx.channels_last = y.dim() == 4 and not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
+    ctx.out_channel_dim, ctx.out_channels = inputs[12], inputs[14]
+    ctx.save_for_backward(*output[1:])
+
+
+def _block_backward(ctx, grad, *_):
+    finite, index, g_y, g_pre, *units = ctx.saved_tensors
+    if ctx.has_pre:
+        units.insert(0, g_pre)
+    grad_y, *scaled = torch.ops.simfx.rho_sim_block_backward(
+        grad, finite, index, g_y, units, ctx.y_size, ctx.channels_last, ctx.out_channel_dim, ctx.out_channels)
+    if not ctx.has_pre:
+        scaled.insert(0, None)
+    return None, grad_y, *scaled, *(None,) * 8
+
+
+_block_op.register_autograd(_block_backward, setup_context=_setup_block)
+
+
+@torch.library.custom_op("simfx::rho_sim_block_backward", mutates_args=())
+def _block_backward_op(
+    grad: Tensor, finite: Tensor, index: Tensor, g_y: Tensor, units: List[Tensor], y_size: List[int],
+    channels_last: bool, out_channel_dim: int, out_channels: int,
+) -> List[Tensor]:
+    """``[gradient of y, *scaled units]``: the unit gradients times ``grad``, zeros for a non-finite block."""
+    scaled = torch._foreach_mul([g_y, *units], torch.where(finite, grad, 0))
+    grad_y = _zero_map(y_size, g_y, channels_last)
+    tokens = to_tokens(narrow_channels(grad_y, out_channel_dim, out_channels), out_channel_dim)
+    if tokens is not grad_y and tokens._base is not grad_y:  # rho_sim_block_loss admits only such layouts
+        raise RuntimeError("simfx internal error: the token view of the gradient map is a copy; please report this.")
+    put_tokens(tokens, index if index.numel() else None, scaled[0])
+    return [grad_y, *scaled[1:]]
+
+
+@_block_backward_op.register_fake
+def _(grad, finite, index, g_y, units, y_size, channels_last, out_channel_dim, out_channels):
+    return [_zero_map(y_size, g_y, channels_last), *(torch.empty_like(u) for u in units)]
+
+
+def _zero_map(size: list, like: Tensor, channels_last: bool) -> Tensor:
+    """A zero gradient for the block's output, in its memory format."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(size, dtype=like.dtype, device=like.device, memory_format=memory_format).zero_()

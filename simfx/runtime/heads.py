@@ -12,11 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from ..options import SimOptions
-from .fused import rho_sim_norm_mse
+from .fused import rho_sim_block_loss, rho_sim_norm_mse
 from .objectives import RhoSim, get_objective, sampling_problem
-from .tokens import (
-    draw_index, input_tokens_on_output_grid, sample_count, sample_pair, sampled_input_tokens, take_tokens, to_tokens,
-)
+from .tokens import sample_block_tokens
 
 __all__ = ["BoundaryObjective", "build_objective"]
 
@@ -55,23 +53,12 @@ class BoundaryObjective(nn.Module):
         self.uses_input = uses_input
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        y = _narrow(y, self.out_channel_dim, self.out_channels)
-        y_tokens = to_tokens(y, self.out_channel_dim)
-        batch, n = y_tokens.shape[0], y_tokens.shape[1]
-        k = sample_count(n, self.ratio[0], self.ratio[1], self.min_tokens)
-        x_tokens = None
-        if self.uses_input:
-            x = _narrow(x.detach(), self.in_channel_dim, self.in_channels)
-        if self.token_sampling == "topk_mean" and k < n:
-            # Ranks the candidates by the pooled input, so every input token is needed.
-            x_tokens = input_tokens_on_output_grid(x, self.in_channel_dim, y, self.out_channel_dim)
-            x_tokens, y_tokens = sample_pair(x_tokens, y_tokens, k, self.token_sampling)
-        else:
-            index = draw_index(n, k, batch, self.token_sampling, y.device) if k < n else None
-            if self.uses_input:
-                x_tokens = sampled_input_tokens(x, self.in_channel_dim, y, self.out_channel_dim, index)
-            if index is not None:
-                y_tokens = take_tokens(y_tokens, index)
+        sampling = self.sampling()
+        if type(self.objective) is RhoSim and torch.compiler.is_compiling():
+            loss = rho_sim_block_loss(self.objective, x, y, sampling)  # None where it does not apply
+            if loss is not None:
+                return loss
+        x_tokens, y_tokens, _ = sample_block_tokens(x if self.uses_input else None, y, **sampling)
         if type(self.objective) is RhoSim:
             loss = rho_sim_norm_mse(self.objective, x_tokens, y_tokens)  # None where only the reference applies
             if loss is not None:
@@ -89,17 +76,18 @@ class BoundaryObjective(nn.Module):
         loss = self.objective(x_tokens, y_tokens).float()
         return torch.where(finite, loss, float("nan"))
 
+    def sampling(self) -> dict:
+        """The keyword arguments of :func:`~simfx.runtime.tokens.sample_block_tokens` for this block."""
+        return {"in_channel_dim": self.in_channel_dim, "out_channel_dim": self.out_channel_dim,
+                "in_channels": self.in_channels, "out_channels": self.out_channels, "ratio": self.ratio,
+                "min_tokens": self.min_tokens, "strategy": self.token_sampling}
+
     def extra_repr(self) -> str:
         return (
             f"channel_dims=({self.in_channel_dim}, {self.out_channel_dim}), "
             f"channels=({self.in_channels}, {self.out_channels}), "
             f"token_ratio={self.ratio[0]}/{self.ratio[1]}, token_sampling={self.token_sampling!r}"
         )
-
-
-def _narrow(t: Tensor, channel_dim: int, channels: int) -> Tensor:
-    """The first ``channels`` channels of ``t`` (a view; ``t`` itself when it has no more)."""
-    return t if t.shape[channel_dim] == channels else t.narrow(channel_dim, 0, channels)
 
 
 def build_objective(

@@ -29,7 +29,7 @@ from torch import Tensor
 
 __all__ = [
     "to_tokens", "input_tokens_on_output_grid", "sample_count", "sample_pair", "draw_index", "take_tokens",
-    "sampled_input_tokens",
+    "sampled_input_tokens", "narrow_channels", "sample_block_tokens", "put_tokens",
 ]
 
 _POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
@@ -97,9 +97,14 @@ def sample_count(n: int, numerator: int, denominator: int, minimum: int = 2) -> 
 
 def sample_pair(x_tokens: Tensor | None, y_tokens: Tensor, k: int, strategy: str) -> tuple[Tensor | None, Tensor]:
     """Sample the same k token positions of both sides (see the module docstring)."""
+    x_tokens, y_tokens, _ = _sample_pair_with_index(x_tokens, y_tokens, k, strategy)
+    return x_tokens, y_tokens
+
+
+def _sample_pair_with_index(x_tokens, y_tokens, k, strategy):
     batch, n = y_tokens.shape[0], y_tokens.shape[1]
     if k >= n:
-        return x_tokens, y_tokens
+        return x_tokens, y_tokens, None
     if strategy == "topk_mean":
         order = torch.rand(batch, n, device=y_tokens.device).argsort(dim=1)
         candidates = order[:, : min(3 * k, n)]
@@ -108,7 +113,7 @@ def sample_pair(x_tokens: Tensor | None, y_tokens: Tensor, k: int, strategy: str
         index = candidates.gather(1, scores.topk(k, dim=1).indices)
     else:
         index = draw_index(n, k, batch, strategy, y_tokens.device)
-    return (take_tokens(x_tokens, index) if x_tokens is not None else None), take_tokens(y_tokens, index)
+    return (take_tokens(x_tokens, index) if x_tokens is not None else None), take_tokens(y_tokens, index), index
 
 
 def draw_index(n: int, k: int, batch: int, strategy: str, device: torch.device) -> Tensor:
@@ -200,3 +205,58 @@ def _window_table(x_grid: tuple[int, ...], y_grid: tuple[int, ...]) -> tuple[tup
     for axis, (size, factor) in enumerate(zip(y_grid, factors)):
         starts = [s + j * factor * strides[axis] for s in starts for j in range(size)]
     return tuple(tuple(s + o for o in offsets) for s in starts)
+
+
+def narrow_channels(t: Tensor, channel_dim: int, channels: int) -> Tensor:
+    """The first ``channels`` channels of ``t`` (a view; ``t`` itself when it has no more)."""
+    return t if t.shape[channel_dim] == channels else t.narrow(channel_dim, 0, channels)
+
+
+def sample_block_tokens(
+    x: Tensor | None, y: Tensor, *, in_channel_dim: int, out_channel_dim: int, in_channels: int, out_channels: int,
+    ratio: tuple[int, int], min_tokens: int, strategy: str,
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """A block's sampled ``(x_tokens, y_tokens, index)``: DESIGN steps 1-4 at one boundary.
+
+    ``y`` (and ``x`` unless ``None``: an objective that never reads the input) is
+    narrowed to its kept channels, viewed as tokens, ``x`` brought onto ``y``'s grid,
+    and the same ``k`` positions drawn for both sides (the module docstring's contract).
+    ``index`` is the draw (``(k,)`` shared, ``(B, k)`` otherwise), or ``None`` when every
+    token is used. ``x`` is read without gradient.
+    """
+    y = narrow_channels(y, out_channel_dim, out_channels)
+    y_tokens = to_tokens(y, out_channel_dim)
+    batch, n = y_tokens.shape[0], y_tokens.shape[1]
+    k = sample_count(n, ratio[0], ratio[1], min_tokens)
+    if x is not None:
+        x = narrow_channels(x.detach(), in_channel_dim, in_channels)
+    if strategy == "topk_mean" and k < n:
+        # Ranks the candidates by the pooled input, so every input token is needed.
+        x_tokens = input_tokens_on_output_grid(x, in_channel_dim, y, out_channel_dim)
+        return _sample_pair_with_index(x_tokens, y_tokens, k, strategy)
+    index = draw_index(n, k, batch, strategy, y.device) if k < n else None
+    x_tokens = None if x is None else sampled_input_tokens(x, in_channel_dim, y, out_channel_dim, index)
+    return x_tokens, (y_tokens if index is None else take_tokens(y_tokens, index)), index
+
+
+def put_tokens(tokens: Tensor, index: Tensor | None, values: Tensor) -> None:
+    """Write ``values`` where :func:`take_tokens` would read them: the inverse of the selection.
+
+    ``tokens`` is a token view (:func:`to_tokens`) of a zero-filled map; writing through
+    it fills the map, which is then the gradient autograd would give the map for
+    ``values`` as the sampled tokens' gradient (the positions of a draw are distinct).
+    """
+    if index is None:
+        tokens.copy_(values)
+        return
+    channel_first = tokens.dim() == 3 and tokens.stride(1) == 1 and tokens.stride(2) != 1
+    if channel_first:
+        maps, values = tokens.transpose(1, 2), values.transpose(1, 2)  # (B, C, N) and (B, C, k)
+        if index.dim() == 1:
+            maps.index_copy_(2, index, values)
+        else:
+            maps.scatter_(2, index.unsqueeze(1).expand(-1, maps.shape[1], -1), values)
+    elif index.dim() == 1:
+        tokens.index_copy_(1, index, values)
+    else:
+        tokens.scatter_(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), values)
