@@ -272,6 +272,24 @@ def test_aggregate_is_beta_times_mean_of_finite_losses():
     assert aggregate_losses([torch.tensor(float("nan"))], [1.0]).item() == 0.0
 
 
+@pytest.mark.parametrize("weights", [[5e-3] * 4, [1.0, 1.0, 2.0, 1.0]], ids=["same", "mixed"])
+@pytest.mark.parametrize("values", [[1.0, float("inf"), 3.0, float("nan")], [float("nan")] * 4, [1.0, 2.0, 3.0, 4.0]])
+def test_compiled_aggregate_equals_eager_in_value_and_gradient(weights, values):
+    # Compiled, the aggregate adds the scalars one by one instead of stacking them.
+    def grads_of(fn):
+        losses = [torch.tensor(v, requires_grad=True) for v in values]
+        total = fn(losses, weights)
+        total.backward()
+        return total.detach(), [loss.grad for loss in losses]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(aggregate_losses, backend="aot_eager", fullgraph=True)
+    (got, got_grads), (want, want_grads) = grads_of(compiled), grads_of(aggregate_losses)
+    torch.testing.assert_close(got, want)
+    for g, h in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, h)
+
+
 def test_builtin_objectives_and_registry():
     assert {"rho_sim", "self_model", "activation_l2"} <= set(objective_names())
     y = torch.randn(2, 6, 3, 3, requires_grad=True)

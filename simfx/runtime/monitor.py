@@ -70,6 +70,8 @@ def weighted_mean_of_finite(losses: Sequence[Tensor], weights: Sequence[float]) 
 
 def _weighted_mean_and_flags(losses: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
     """The weighted mean of the finite losses, and which losses were finite (the monitor reads those)."""
+    if torch.compiler.is_compiling():
+        return _weighted_mean_unstacked(losses, weights), None
     stacked = torch.stack(list(losses))
     finite = torch.isfinite(stacked)
     if len(set(weights)) == 1:
@@ -78,6 +80,21 @@ def _weighted_mean_and_flags(losses: Sequence[Tensor], weights: Sequence[float])
         weighted = torch.stack([loss * w for loss, w in zip(losses, weights)])
         total = torch.where(finite, weighted, 0).sum()
     return total / finite.sum().clamp(min=1), finite
+
+
+def _weighted_mean_unstacked(losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """The same mean, one scalar at a time: nothing for a monitor to read, but no ``stack``.
+
+    Compiled, the losses are the outputs of separate operators, and inductor copies them
+    into the stack with a kernel per few of them (on a CPU each kernel is a C++ build in
+    the first compile); these scalar ops fuse into one kernel forward and one backward.
+    """
+    flags = [torch.isfinite(loss) for loss in losses]
+    same = len(set(weights)) == 1
+    total = sum(torch.where(ok, loss if same else loss * w, 0) for ok, loss, w in zip(flags, losses, weights))
+    if same:
+        total = total * weights[0]
+    return total / sum(ok.int() for ok in flags).clamp(min=1)
 
 
 def flush() -> None:
