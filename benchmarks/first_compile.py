@@ -14,11 +14,14 @@ backward compiles (AOT autograd and inductor), and the C++ build inside them.
 
     python benchmarks/first_compile.py --device cuda --model resnet50              # 224x224, batch 128, bf16
     python benchmarks/first_compile.py --device cuda --modes default reduce-overhead
+    python benchmarks/first_compile.py --model resnet18 --repeats 5                # CPU: the median of 5 cold pairs
     python benchmarks/first_compile.py --quick                                     # smoke run: aot_eager, CPU
 
 Writes ``first-compile-<device>.json`` and ``.md`` (or ``--name``) into ``--out``.
-``--cache-root DIR`` keeps each child's cache in ``DIR/<variant>-<mode>`` (each must be
-new or empty), so a later run can start from them.
+``--cache-root DIR`` keeps each child's cache in ``DIR/<variant>-<mode>-<repeat>`` (each must
+be new or empty), so a later run can start from them. A cold compile's time moves by a tenth
+or more from run to run on a shared CPU: ``--repeats N`` compiles N cold pairs in turn and
+reports the median of their ratios with the range.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,14 +124,24 @@ def run_child(args, variant: str, mode: str, cache: Path) -> dict:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per compile mode: the first step of simfx over that of the plain model."""
-    by = {(r["mode"], r["variant"]): r for r in rows if "error" not in r}
+    """Per compile mode: the first step of simfx over that of the plain model, the median over repeats.
+
+    Each repeat's pair gives one ratio; a cold compile's time moves by a tenth or more between
+    runs on a shared CPU, so with several repeats the median and the range are reported.
+    """
+    by = {(r.get("repeat", 0), r["mode"], r["variant"]): r for r in rows if "error" not in r}
     ratios = []
     for mode in dict.fromkeys(r["mode"] for r in rows):
-        base, sim = by.get((mode, "baseline")), by.get((mode, "simfx"))
-        if base and sim:
-            ratios.append({"mode": mode, "first_step_ratio": round(sim["first_step_s"] / base["first_step_s"], 3),
-                           "added_s": round(sim["first_step_s"] - base["first_step_s"], 2)})
+        pairs = [(by[(rep, mode, "baseline")]["first_step_s"], by[(rep, mode, "simfx")]["first_step_s"])
+                 for rep in sorted({r.get("repeat", 0) for r in rows})
+                 if (rep, mode, "baseline") in by and (rep, mode, "simfx") in by]
+        if pairs:
+            each = [sim / base for base, sim in pairs]
+            ratios.append({"mode": mode, "first_step_ratio": round(statistics.median(each), 3),
+                           "ratio_range": [round(min(each), 3), round(max(each), 3)], "pairs": len(pairs),
+                           "baseline_s": round(statistics.median(base for base, _ in pairs), 2),
+                           "simfx_s": round(statistics.median(sim for _, sim in pairs), 2),
+                           "added_s": round(statistics.median(sim - base for base, sim in pairs), 2)})
     return ratios
 
 
@@ -136,22 +150,27 @@ def markdown(rows, ratios, meta, args) -> str:
         *markdown_header(meta, f"{args.model} {args.batch}x3x{args.image_size}x{args.image_size}, {args.dtype}, "
                                f"backend {args.backend}; each variant compiled in a fresh process with empty caches."),
         "",
-        f"| mode | variant | first step s | {' | '.join(f'{name} s' for name in STAGES)} | later steps s "
+        f"| repeat | mode | variant | first step s | {' | '.join(f'{name} s' for name in STAGES)} | later steps s "
         "| transform s | process s |",
-        "|---|---|---|" + "---|" * len(STAGES) + "---|---|---|",
+        "|---|---|---|---|" + "---|" * len(STAGES) + "---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['variant']} | failed: {r['error']} |" + " |" * (len(STAGES) + 3))
+            lines.append(f"| {r.get('repeat', 0)} | {r['mode']} | {r['variant']} | failed: {r['error']} |"
+                         + " |" * (len(STAGES) + 3))
             continue
         later = ", ".join(f"{t:.3f}" for t in r["later_steps_s"])
         transform = "" if r["transform_s"] is None else f"{r['transform_s']:.2f}"
         stages = " | ".join("" if r["stages_s"].get(name) is None else f"{r['stages_s'][name]:.1f}" for name in STAGES)
-        lines.append(f"| {r['mode']} | {r['variant']} | {r['first_step_s']:.2f} | {stages} | {later} | {transform} | "
-                     f"{r['process_s']:.1f} |")
+        lines.append(f"| {r.get('repeat', 0)} | {r['mode']} | {r['variant']} | {r['first_step_s']:.2f} | {stages} | "
+                     f"{later} | {transform} | {r['process_s']:.1f} |")
     lines.append("")
-    lines += [f"- {r['mode']}: simfx's first compiled step takes {r['first_step_ratio']:.2f}x the plain model's "
-              f"({r['added_s']:+.1f} s)" for r in ratios]
+    for r in ratios:
+        spread = "" if r["pairs"] == 1 else (
+            f", the median of {r['pairs']} pairs ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}x; medians "
+            f"{r['baseline_s']:.1f} s plain, {r['simfx_s']:.1f} s simfx)")
+        lines.append(f"- {r['mode']}: simfx's first compiled step takes {r['first_step_ratio']:.2f}x the plain "
+                     f"model's ({r['added_s']:+.1f} s){spread}")
     return "\n".join(lines) + "\n"
 
 
@@ -166,6 +185,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=DTYPES, help="autocast dtype or fp32 (default: fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
     parser.add_argument("--later-steps", type=int, default=3, help="steps timed after the first (default 3)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="cold pairs (plain, simfx) in turn; the ratio reported is their median (default 1)")
     # One thread, as in overhead.py: on a shared CPU more threads mostly wait for each other.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--child-timeout", type=int, default=600, help="seconds per child process (default 600)")
@@ -198,10 +219,13 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="simfx-first-compile-") as scratch:
         root = Path(args.cache_root) if args.cache_root else Path(scratch)
         rows = []
-        for mode in args.modes:
-            for variant in VARIANTS:
-                rows.append(run_child(args, variant, mode, root / f"{variant}-{mode}"))
-                print(f"  {mode} {variant}: {rows[-1].get('first_step_s', rows[-1].get('error'))}", flush=True)
+        # Pairs, one repeat after the other, so a change of load hits both variants of a pair.
+        for repeat in range(args.repeats):
+            for mode in args.modes:
+                for variant in VARIANTS:
+                    rows.append({"repeat": repeat, **run_child(args, variant, mode, root / f"{variant}-{mode}-{repeat}")})
+                    print(f"  {repeat} {mode} {variant}: {rows[-1].get('first_step_s', rows[-1].get('error'))}",
+                          flush=True)
     ratios = summarise(rows)
     meta = run_meta("first_compile.py", argv, started, load_before)
     payload = {"meta": meta, "rows": rows, "ratios": ratios}

@@ -150,7 +150,7 @@ if [[ $part != tests ]]; then
         "$PY" benchmarks/first_compile.py --model resnet50 "${bench[@]}" --cache-root "$work/cache-cold"
     # Start from simfx's cold-compiled cache: its compile is measured above, and this
     # step's own budget goes to steps, not to compiling it again.
-    TORCHINDUCTOR_CACHE_DIR="$work/cache-cold/simfx-default" run overhead 400 0 overhead.log \
+    TORCHINDUCTOR_CACHE_DIR="$work/cache-cold/simfx-default-0" run overhead 400 0 overhead.log \
         "$PY" benchmarks/overhead.py --models resnet50 "${bench[@]}" \
         --modes eager compiled reduce-overhead --steps 10 --warmup 2
 fi

@@ -58,21 +58,24 @@ def test_overhead_quick_run_writes_consistent_results(tmp_path):
 
 def test_first_compile_quick_run_compiles_each_variant_in_its_own_empty_cache(tmp_path):
     cache_root = tmp_path / "caches"
-    _run("first_compile.py", tmp_path, "--cache-root", str(cache_root))
+    _run("first_compile.py", tmp_path, "--cache-root", str(cache_root), "--repeats", "2")
     payload = json.loads((tmp_path / "first-compile-cpu.json").read_text())
-    rows = {r["variant"]: r for r in payload["rows"]}
-    assert set(rows) == {"baseline", "simfx"}
-    assert {rows[v]["cache_dir"] for v in rows} == {str(cache_root / "baseline-default"), str(cache_root / "simfx-default")}
+    rows = {(r["repeat"], r["variant"]): r for r in payload["rows"]}
+    assert set(rows) == {(rep, v) for rep in (0, 1) for v in ("baseline", "simfx")}
+    assert {r["cache_dir"] for r in rows.values()} == {
+        str(cache_root / f"{v}-default-{rep}") for rep in (0, 1) for v in ("baseline", "simfx")}
     for r in rows.values():
         assert r["first_step_s"] > 0 and len(r["later_steps_s"]) == 1 and r["process_s"] >= r["first_step_s"]
-    assert rows["baseline"]["transform_s"] is None and rows["simfx"]["transform_s"] > 0
+        assert (r["transform_s"] is None) == (r["variant"] == "baseline")
     [ratio] = payload["ratios"]
-    assert ratio["first_step_ratio"] == pytest.approx(rows["simfx"]["first_step_s"] / rows["baseline"]["first_step_s"],
-                                                      rel=1e-2)
+    each = [rows[(rep, "simfx")]["first_step_s"] / rows[(rep, "baseline")]["first_step_s"] for rep in (0, 1)]
+    assert ratio["pairs"] == 2
+    assert ratio["first_step_ratio"] == pytest.approx(sum(each) / 2, rel=1e-2)  # the median of two
+    assert ratio["ratio_range"] == pytest.approx([min(each), max(each)], rel=1e-2)
 
 
 def test_first_compile_refuses_a_cache_that_is_not_empty(tmp_path):
-    stale = tmp_path / "caches" / "baseline-default" / "fxgraph"
+    stale = tmp_path / "caches" / "baseline-default-0" / "fxgraph"
     stale.mkdir(parents=True)
     (stale / "entry").write_text("a compiled graph from an earlier run")
     refused = _run("first_compile.py", tmp_path, "--cache-root", str(tmp_path / "caches"), returncode=1)
