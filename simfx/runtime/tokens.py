@@ -95,13 +95,10 @@ def sample_count(n: int, numerator: int, denominator: int, minimum: int = 2) -> 
     return min(max(k, minimum), n)
 
 
-def sample_pair(x_tokens: Tensor | None, y_tokens: Tensor, k: int, strategy: str) -> tuple[Tensor | None, Tensor]:
-    """Sample the same k token positions of both sides (see the module docstring)."""
-    x_tokens, y_tokens, _ = _sample_pair_with_index(x_tokens, y_tokens, k, strategy)
-    return x_tokens, y_tokens
-
-
-def _sample_pair_with_index(x_tokens, y_tokens, k, strategy):
+def sample_pair(
+    x_tokens: Tensor | None, y_tokens: Tensor, k: int, strategy: str,
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """The same k token positions of both sides, and their index (``None``: all of them; see the module docstring)."""
     batch, n = y_tokens.shape[0], y_tokens.shape[1]
     if k >= n:
         return x_tokens, y_tokens, None
@@ -133,12 +130,16 @@ def take_tokens(tokens: Tensor, index: Tensor) -> Tensor:
     token view would scatter into a ``(B, N, C)`` buffer and copy all of it back
     to NCHW (one full copy of the activation per block and step).
     """
-    channel_first = tokens.dim() == 3 and tokens.stride(1) == 1 and tokens.stride(2) != 1
-    if channel_first:
+    if _is_map_view(tokens):
         return _take_from_maps(tokens.transpose(1, 2), index).transpose(1, 2)  # maps: (B, C, N), N contiguous
     if index.dim() == 1:
         return tokens.index_select(1, index)
     return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def _is_map_view(tokens: Tensor) -> bool:
+    """Whether ``tokens`` is the transposed token view of a channel-first map (token axis contiguous)."""
+    return tokens.dim() == 3 and tokens.stride(1) == 1 and tokens.stride(2) != 1
 
 
 def _take_from_maps(maps: Tensor, index: Tensor) -> Tensor:
@@ -233,7 +234,7 @@ def sample_block_tokens(
     if strategy == "topk_mean" and k < n:
         # Ranks the candidates by the pooled input, so every input token is needed.
         x_tokens = input_tokens_on_output_grid(x, in_channel_dim, y, out_channel_dim)
-        return _sample_pair_with_index(x_tokens, y_tokens, k, strategy)
+        return sample_pair(x_tokens, y_tokens, k, strategy)
     index = draw_index(n, k, batch, strategy, y.device) if k < n else None
     x_tokens = None if x is None else sampled_input_tokens(x, in_channel_dim, y, out_channel_dim, index)
     return x_tokens, (y_tokens if index is None else take_tokens(y_tokens, index)), index
@@ -249,8 +250,7 @@ def put_tokens(tokens: Tensor, index: Tensor | None, values: Tensor) -> None:
     if index is None:
         tokens.copy_(values)
         return
-    channel_first = tokens.dim() == 3 and tokens.stride(1) == 1 and tokens.stride(2) != 1
-    if channel_first:
+    if _is_map_view(tokens):
         maps, values = tokens.transpose(1, 2), values.transpose(1, 2)  # (B, C, N) and (B, C, k)
         if index.dim() == 1:
             maps.index_copy_(2, index, values)
