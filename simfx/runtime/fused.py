@@ -408,8 +408,11 @@ def _setup_block(ctx, inputs, output):
     y, pre_w = inputs[1], inputs[2]
     ctx.has_pre = pre_w is not None
     ctx.y_size = list(y.shape)
-    ctx.channels_last = y.dim() == 4 and not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
     ctx.out_channel_dim, ctx.out_channels = inputs[12], inputs[14]
+    # An NCHW map stored channels-last gets its gradient in that format; every other map a
+    # contiguous one (the layouts whose token views put_tokens can write through).
+    ctx.channels_last = (y.dim() == 4 and ctx.out_channel_dim == 1 and not y.is_contiguous()
+                         and y.is_contiguous(memory_format=torch.channels_last))
     ctx.save_for_backward(*output[1:])
 
 
@@ -435,9 +438,10 @@ def _block_backward_op(
     """``[gradient of y, *scaled units]``: the unit gradients times ``grad``, zeros for a non-finite block."""
     scaled = torch._foreach_mul([g_y, *units], torch.where(finite, grad, 0))
     grad_y = _zero_map(y_size, g_y, channels_last)
+    # A view of grad_y, which put_tokens writes through: grad_y is dense and fresh, and
+    # rho_sim_block_loss admits only channels first or last, whose token views of a dense
+    # map (narrowed or not) are views (tests/test_fast_paths.py checks each layout).
     tokens = to_tokens(narrow_channels(grad_y, out_channel_dim, out_channels), out_channel_dim)
-    if tokens is not grad_y and tokens._base is not grad_y:  # rho_sim_block_loss admits only such layouts
-        raise RuntimeError("simfx internal error: the token view of the gradient map is a copy; please report this.")
     put_tokens(tokens, index if index.numel() else None, scaled[0])
     return [grad_y, *scaled[1:]]
 
