@@ -20,6 +20,7 @@ to have them record it too. The values are this process's.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -99,8 +100,6 @@ def _check_loss_scaling(sim: SimGraphModule, args: Any) -> None:
     """
     if getattr(args, "gradient_accumulation_steps", 1) <= 1 or sim.accepts_loss_kwargs:
         return
-    import inspect
-
     model = sim.simfx_model()
     takes = getattr(model, "accepts_loss_kwargs", None)
     if takes is None:

@@ -320,6 +320,11 @@ _rho_sim_op.register_autograd(_op_backward, setup_context=_setup_op)
 
 @torch.library.custom_op("simfx::scale_unit_gradients", mutates_args=())
 def _scale_op(grad: Tensor, finite: Tensor, units: List[Tensor]) -> List[Tensor]:
+    """The loss operator's backward: :func:`_scaled_units` as an operator of its own."""
+    return _scaled_units(grad, finite, units)
+
+
+def _scaled_units(grad: Tensor, finite: Tensor, units: List[Tensor]) -> List[Tensor]:
     """``units * grad`` where the block was finite, zeros elsewhere (the reference's ``where``)."""
     return list(torch._foreach_mul(units, torch.where(finite, grad, 0)))
 
@@ -436,7 +441,7 @@ def _block_backward_op(
     channels_last: bool, out_channel_dim: int, out_channels: int,
 ) -> List[Tensor]:
     """``[gradient of y, *scaled units]``: the unit gradients times ``grad``, zeros for a non-finite block."""
-    scaled = torch._foreach_mul([g_y, *units], torch.where(finite, grad, 0))
+    scaled = _scaled_units(grad, finite, [g_y, *units])
     grad_y = _zero_map(y_size, g_y, channels_last)
     # A view of grad_y, which put_tokens writes through: grad_y is dense and fresh, and
     # rho_sim_block_loss admits only channels first or last, whose token views of a dense
