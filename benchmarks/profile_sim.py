@@ -10,10 +10,17 @@ Two views of one model (default resnet18, 16x3x64x64, one torch thread, CPU):
 * **per block**: each reconstructor alone on the block's real activations
   (forward + backward, best of ``--repeats``), next to the time of its matrix
   products alone (the same products on random data): what is left is the
-  block's fixed cost.
+  block's fixed cost;
+* **split**: whole steps without the profiler, interleaved, of the plain model, the
+  transformed one, and the transformed one with its heads' maths switched off (each
+  block's loss a zero on the same sampled tokens, so the sampling, the gradient
+  path through the tokens, the aggregate and the graph still run): SIM's surplus
+  split into the reconstructors (with their optimizer update) and everything
+  around them, medians of ``--split-rounds`` paired ratios.
 
     python benchmarks/profile_sim.py                      # resnet18
     python benchmarks/profile_sim.py --model vit_b_16 --steps 3
+    python benchmarks/profile_sim.py --threads 2          # the split at torch's default on 2 cores (wall clock)
 
 Writes ``profile-sim-<model>.json`` and ``.md`` into ``--out``. Profiler times
 include the profiler's own cost per op (a few microseconds), so read the totals
@@ -26,8 +33,10 @@ import argparse
 import copy
 import datetime
 import sys
+import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +46,7 @@ from overhead import CLASSES, build_model  # noqa: E402
 from runinfo import load_average, markdown_header, run_meta, write_results  # noqa: E402
 
 import simfx  # noqa: E402
+from simfx.runtime import heads  # noqa: E402
 from simfx.runtime.tokens import sample_count, to_tokens  # noqa: E402
 
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::addmv", "aten::mv", "aten::addr"}
@@ -155,6 +165,45 @@ def _products_alone(head, block_in, y, repeats: int) -> dict:
     return {"rows": rows, "products_ms": round(_best_ms(products, repeats), 3)}
 
 
+def _zero_loss(objective, x_tokens, y_tokens):
+    """A block loss of zero with a gradient path through the sampled tokens: the head's maths off."""
+    return y_tokens.sum() * 0.0
+
+
+def split(base_step, sim_step, rounds: int) -> dict:
+    """Plain, transformed and heads-off steps interleaved: where SIM's surplus goes, without the profiler.
+
+    Process CPU time at one thread (what the step costs), wall time at more (what it
+    takes); each round runs the three in a rotating order, and the ratios are medians
+    of the per-round ratios to the plain step of the same round. With the heads off
+    the reconstructors get no gradient, so their optimizer update counts with them.
+    """
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+
+    def heads_off():
+        with mock.patch.object(heads, "rho_sim_norm_mse", _zero_loss):
+            sim_step()
+
+    steps = {"plain": base_step, "transformed": sim_step, "heads off": heads_off}
+    times = {name: [] for name in steps}
+    for round_ in range(rounds + 2):
+        names = list(steps)[round_ % 3:] + list(steps)[:round_ % 3]
+        for name in names:
+            start = clock()
+            steps[name]()
+            if round_ >= 2:  # two warm-up rounds
+                times[name].append(1e3 * (clock() - start))
+    ratio = {name: statistics.median(t / b for t, b in zip(times[name], times["plain"])) for name in steps}
+    plain_ms = statistics.median(times["plain"])
+    return {
+        "clock": "cpu" if clock is time.process_time else "wall", "rounds": rounds,
+        "ms": {name: round(statistics.median(t), 2) for name, t in times.items()},
+        "ratio": {name: round(r, 3) for name, r in ratio.items()},
+        "heads_ms": round((ratio["transformed"] - ratio["heads off"]) * plain_ms, 2),
+        "around_ms": round((ratio["heads off"] - 1.0) * plain_ms, 2),
+    }
+
+
 def markdown(result: dict, meta: dict) -> str:
     ops = result["per_op"]
     lines = [
@@ -180,6 +229,17 @@ def markdown(result: dict, meta: dict) -> str:
         rest = "" if products is None else f"{r['full_ms'] - products:.2f}"
         lines.append(f"| {r['block']} | {r.get('rows', '')} | {r['full_ms']:.2f} | "
                      f"{'' if products is None else format(products, '.2f')} | {rest} |")
+    cut = result.get("split")
+    if cut:
+        lines += [
+            "",
+            f"Split, no profiler ({cut['rounds']} interleaved rounds, {cut['clock']} clock, medians of paired "
+            f"ratios): the heads' maths {cut['heads_ms']:.2f} ms, everything around them {cut['around_ms']:.2f} ms.",
+            "",
+            "| step | median ms | ratio to plain |",
+            "|---|---|---|",
+            *(f"| {name} | {cut['ms'][name]:.2f} | {cut['ratio'][name]:.3f}x |" for name in cut["ms"]),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -191,12 +251,14 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per variant (default 5)")
     parser.add_argument("--repeats", type=int, default=30, help="timed repeats per block (default 30, best kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--split-rounds", type=int, default=30,
+                        help="interleaved rounds of the split view (default 30; 0 leaves it out)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", help="result file stem (default profile-sim-<model>)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 32x32, batch 4, 1 step, 2 repeats")
     args = parser.parse_args(argv)
     if args.quick:
-        args.image_size, args.batch, args.steps, args.repeats = 32, 4, 1, 2
+        args.image_size, args.batch, args.steps, args.repeats, args.split_rounds = 32, 4, 1, 2, 2
     return args
 
 
@@ -217,6 +279,8 @@ def main(argv=None) -> dict:
     result = {"model": args.model, "image_size": args.image_size, "batch": args.batch, "steps": args.steps,
               "per_op": per_op(base_step, sim_step, args.steps),
               "per_block": per_block(copy.deepcopy(model).train(), sim, x, args.repeats)}
+    if args.split_rounds:
+        result["split"] = split(base_step, sim_step, args.split_rounds)
     meta = run_meta("profile_sim.py", argv, started, load_before)
     payload = {"meta": meta, **result}
     text = markdown(result, meta)
