@@ -359,7 +359,7 @@ def rho_sim_block_loss(objective: nn.Module, x: Tensor, y: Tensor, sampling: dic
     rank, channel_dim = y.dim(), sampling["out_channel_dim"]
     if rank < 3 or channel_dim not in (1, rank - 1) or y.numel() == 0:
         return None
-    if y.shape[1:].numel() // y.shape[channel_dim] < 2:
+    if _tokens_per_sample(y, channel_dim) < 2:
         return None  # one token: norm_mse's special case
     layers = _layers(objective, x, y)
     if layers is None:
@@ -369,6 +369,11 @@ def rho_sim_block_loss(objective: nn.Module, x: Tensor, y: Tensor, sampling: dic
         x, y, *layers, sampling["in_channel_dim"], channel_dim, sampling["in_channels"], sampling["out_channels"],
         ratio[0], ratio[1], sampling["min_tokens"], sampling["strategy"],
     )[0]
+
+
+def _tokens_per_sample(y: Tensor, channel_dim: int) -> int:
+    """N of ``to_tokens(y)`` for a map of rank 3 or more: its positions per sample."""
+    return y.shape[1:].numel() // y.shape[channel_dim]
 
 
 _RANDOM = {"tags": (torch.Tag.nondeterministic_seeded,)} if "tags" in inspect.signature(
@@ -398,7 +403,7 @@ def _block_op(
 def _(x, y, pre_w, w1, b1, w2, b2, w3, b3, wp, bp, in_channel_dim, out_channel_dim, in_channels, out_channels,
       numerator, denominator, min_tokens, strategy):
     batch = y.shape[0]
-    n = y.shape[1:].numel() // y.shape[out_channel_dim]
+    n = _tokens_per_sample(y, out_channel_dim)
     k = sample_count(n, numerator, denominator, min_tokens)
     index_shape = (0,) if k >= n else (k,) if strategy == "shared" else (batch, k)
     return (
