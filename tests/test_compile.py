@@ -112,13 +112,26 @@ def test_dynamic_true_compiles_one_graph_for_all_batch_sizes(name):
     assert backend.frame_count == 1
 
 
-def test_inductor_matches_eager_without_sampling():
+def test_inductor_matches_eager_without_sampling(monkeypatch):
     """Same maths compiled: with token_ratio=1.0 nothing is random."""
+    from simfx.runtime import fused
+
+    # On a CPU each block is one operator, handed the maps in the layout inductor
+    # chose for them (channels_last here, where eager mode has contiguous maps).
+    layouts = []
+    sample = fused.sample_block_tokens
+
+    def recording(x, y, **kwargs):
+        layouts.append(y.is_contiguous(memory_format=torch.channels_last))
+        return sample(x, y, **kwargs)
+
+    monkeypatch.setattr(fused, "sample_block_tokens", recording)
     sim = simfx.transform(TinyResNet(), torch.randn(2, 3, 16, 16), token_ratio=1.0, copy=True).train()
     eager = copy.deepcopy(sim)
     x = torch.randn(4, 3, 16, 16)
     compiled = torch.compile(sim, fullgraph=True)
     loss_compiled = _step(compiled, x)
+    assert len(layouts) == 3  # the three blocks ran the operator
     loss_eager = _step(eager, x)
     torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-7)
     for (name, p), (_, q) in zip(sim.named_parameters(), eager.named_parameters()):

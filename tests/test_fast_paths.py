@@ -368,6 +368,46 @@ def test_block_operator_registration_passes_opcheck(strategy, ratio, widths):
                           (x, y, *layers, 1, 1, cin, cout, *ratio, 2, strategy))
 
 
+def _strided_like(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The values of ``t`` in another memory layout (same shape)."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":  # a permuted, dense buffer: H and W swapped in memory
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    if layout == "padded":  # not dense: every other column of a wider buffer
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "padded"])
+@pytest.mark.parametrize("strategy", ["shared", "per_sample"])
+@pytest.mark.parametrize("widths", [(4, 4), (4, 6)])
+def test_block_operator_gives_the_same_loss_and_gradients_in_any_memory_layout(layout, strategy, widths):
+    # The operator is registered with a flexible layout: inductor hands it maps in the
+    # layout it chose for them (channels_last for a CNN on a CPU) rather than copying
+    # them into the strides seen when tracing. Its values must not depend on the strides.
+    cin, cout = widths
+    head = build_objective(SimOptions(), in_channel_dim=1, out_channel_dim=1, in_width=cin, out_width=cout).double()
+    layers = fused._layers(head.objective, torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64))
+    x = torch.randn(2, cin, 8, 8, dtype=torch.float64)
+    y = torch.randn(2, cout, 4, 4, dtype=torch.float64)
+
+    def loss_and_grads(x, y):
+        y = y.detach().requires_grad_(True)
+        torch.manual_seed(3)
+        loss = torch.ops.simfx.rho_sim_block(x, y, *layers, 1, 1, cin, cout, 1, 5, 2, strategy)[0]
+        params = [t for t in layers if t is not None]
+        return loss.detach(), torch.autograd.grad(loss, [y, *params])
+
+    want_loss, want_grads = loss_and_grads(x, y)
+    got_loss, got_grads = loss_and_grads(_strided_like(x, layout), _strided_like(y, layout))
+    assert torch.equal(got_loss, want_loss)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 # --- sampling shortcuts (simfx.runtime.tokens) ----------------------------------------------
 
 

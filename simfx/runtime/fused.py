@@ -376,11 +376,20 @@ def _tokens_per_sample(y: Tensor, channel_dim: int) -> int:
     return y.shape[1:].numel() // y.shape[channel_dim]
 
 
-_RANDOM = {"tags": (torch.Tag.nondeterministic_seeded,)} if "tags" in inspect.signature(
-    torch.library.custom_op).parameters else {}  # torch >= 2.6: the partitioner never recomputes a draw
+# torch >= 2.6 takes tags: "seeded" so the partitioner never recomputes a draw, and a
+# flexible layout so inductor hands over the maps in the layout it chose for them
+# (channels_last for a CNN on a CPU) instead of copying each block's input and output
+# into the strides eager tracing saw. Those copies, stored by the kernels that computed
+# the maps, made the kernels of a ResNet's repeated blocks differ, so inductor built each
+# one separately, each a C++ build in the first compile (resnet18: 19 forward kernels
+# against the plain model's 13; 15 with this tag). The operator computes the same values
+# for any strides (tests/test_fast_paths.py). torch 2.5 takes no tags here, and gives
+# custom operators a flexible layout by default.
+_BLOCK_TAGS = {"tags": (torch.Tag.nondeterministic_seeded, torch.Tag.flexible_layout)} if "tags" in inspect.signature(
+    torch.library.custom_op).parameters else {}
 
 
-@torch.library.custom_op("simfx::rho_sim_block", mutates_args=(), **_RANDOM)
+@torch.library.custom_op("simfx::rho_sim_block", mutates_args=(), **_BLOCK_TAGS)
 def _block_op(
     x: Tensor, y: Tensor, pre_w: Optional[Tensor], w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
     b3: Tensor, wp: Tensor, bp: Tensor, in_channel_dim: int, out_channel_dim: int, in_channels: int,
