@@ -272,19 +272,49 @@ def test_aggregate_is_beta_times_mean_of_finite_losses():
     assert aggregate_losses([torch.tensor(float("nan"))], [1.0]).item() == 0.0
 
 
-@pytest.mark.parametrize("weights", [[5e-3] * 4, [1.0, 1.0, 2.0, 1.0]], ids=["same", "mixed"])
-@pytest.mark.parametrize("values", [[1.0, float("inf"), 3.0, float("nan")], [float("nan")] * 4, [1.0, 2.0, 3.0, 4.0]])
+_AGGREGATE_CASES = pytest.mark.parametrize("weights", [[5e-3] * 4, [1.0, 1.0, 2.0, 1.0]], ids=["same", "mixed"])
+_AGGREGATE_VALUES = pytest.mark.parametrize(
+    "values", [[1.0, float("inf"), 3.0, float("nan")], [float("nan")] * 4, [1.0, 2.0, 3.0, 4.0]])
+
+
+def _aggregate_and_grads(aggregate, values, weights):
+    """The aggregate of scalar losses ``values`` and each loss's gradient."""
+    losses = [torch.tensor(v, requires_grad=True) for v in values]
+    total = aggregate(losses, weights)
+    total.backward()
+    return total.detach(), [loss.grad for loss in losses]
+
+
+@_AGGREGATE_CASES
+@_AGGREGATE_VALUES
 def test_compiled_aggregate_equals_eager_in_value_and_gradient(weights, values):
-    # Compiled, the aggregate adds the scalars one by one instead of stacking them.
-    def grads_of(fn):
-        losses = [torch.tensor(v, requires_grad=True) for v in values]
-        total = fn(losses, weights)
-        total.backward()
-        return total.detach(), [loss.grad for loss in losses]
+    # Compiled on a CPU, the aggregate is one operator running the eager maths, with the
+    # gradient autograd gives the eager expression: equal to the bit.
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
 
     torch._dynamo.reset()
-    compiled = torch.compile(aggregate_losses, backend="aot_eager", fullgraph=True)
-    (got, got_grads), (want, want_grads) = grads_of(compiled), grads_of(aggregate_losses)
+    compiled = torch.compile(aggregate_losses, backend=backend, fullgraph=True)
+    got, got_grads = _aggregate_and_grads(compiled, values, weights)
+    want, want_grads = _aggregate_and_grads(aggregate_losses, values, weights)
+    targets = {n.target for g in graphs for n in g.graph.nodes}
+    assert torch.ops.simfx.weighted_mean_of_finite in targets  # dynamo records the packet
+    assert torch.equal(got, want)
+    assert all(torch.equal(g, h) for g, h in zip(got_grads, want_grads))
+
+
+@_AGGREGATE_CASES
+@_AGGREGATE_VALUES
+def test_unstacked_aggregate_equals_eager_in_value_and_gradient(weights, values):
+    # The form compiled on a GPU (on a CPU the compiled aggregate is an operator,
+    # checked above): the same maths one scalar at a time.
+    from simfx.runtime.monitor import _weighted_mean_unstacked
+
+    got, got_grads = _aggregate_and_grads(_weighted_mean_unstacked, values, weights)
+    want, want_grads = _aggregate_and_grads(aggregate_losses, values, weights)
     torch.testing.assert_close(got, want)
     for g, h in zip(got_grads, want_grads):
         torch.testing.assert_close(g, h)

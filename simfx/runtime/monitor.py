@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import collections
 import warnings
-from typing import Sequence
+from typing import List, Sequence  # typing's List: torch 2.5's schema inference knows only it
 
 import torch
 from torch import Tensor
@@ -71,6 +71,8 @@ def weighted_mean_of_finite(losses: Sequence[Tensor], weights: Sequence[float]) 
 def _weighted_mean_and_flags(losses: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
     """The weighted mean of the finite losses, and which losses were finite (the monitor reads those)."""
     if torch.compiler.is_compiling():
+        if losses and losses[0].device.type == "cpu":
+            return torch.ops.simfx.weighted_mean_of_finite(list(losses), [float(w) for w in weights])[0], None
         return _weighted_mean_unstacked(losses, weights), None
     stacked = torch.stack(list(losses))
     finite = torch.isfinite(stacked)
@@ -85,9 +87,9 @@ def _weighted_mean_and_flags(losses: Sequence[Tensor], weights: Sequence[float])
 def _weighted_mean_unstacked(losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """The same mean, one scalar at a time: nothing for a monitor to read, but no ``stack``.
 
-    Compiled, the losses are the outputs of separate operators, and inductor copies them
-    into the stack with a kernel per few of them (on a CPU each kernel is a C++ build in
-    the first compile); these scalar ops fuse into one kernel forward and one backward.
+    Compiled on a GPU, the losses are the outputs of separate kernels, and inductor would
+    copy them into the stack with a kernel per few of them; these scalar ops fuse into a
+    kernel or two. On a CPU the aggregate is one operator instead (below).
     """
     flags = [torch.isfinite(loss) for loss in losses]
     same = len(set(weights)) == 1
@@ -95,6 +97,54 @@ def _weighted_mean_unstacked(losses: Sequence[Tensor], weights: Sequence[float])
     if same:
         total = total * weights[0]
     return total / sum(ok.int() for ok in flags).clamp(min=1)
+
+
+# --- under torch.compile (CPU): the aggregate as one operator ---------------------------
+#
+# Unstacked, the aggregate still cost inductor three C++ kernels on a CPU (one in the
+# forward, two in the backward), each a compiler run in the first compiled step, for a
+# few scalar additions. As an opaque operator it runs the eager aggregate instead; its
+# backward is the gradient autograd gives the eager expression, in the same order of
+# operations, so compiled and eager agree to the bit: ``(grad / count) * w_i`` for a
+# finite loss, 0 for the others.
+
+
+@torch.library.custom_op("simfx::weighted_mean_of_finite", mutates_args=())
+def _aggregate_op(losses: List[Tensor], weights: List[float]) -> tuple[Tensor, Tensor]:
+    """``(weighted mean of the finite losses, which were finite)``."""
+    total, finite = _weighted_mean_and_flags(losses, weights)
+    return total, finite
+
+
+@_aggregate_op.register_fake
+def _(losses, weights):
+    total = losses[0].new_empty((), dtype=torch.result_type(losses[0], 1.0))
+    return total, losses[0].new_empty((len(losses),), dtype=torch.bool)
+
+
+def _setup_aggregate(ctx, inputs, output):
+    ctx.weights = inputs[1]
+    ctx.save_for_backward(output[1])
+
+
+def _aggregate_backward(ctx, grad, _):
+    (finite,) = ctx.saved_tensors
+    return torch.ops.simfx.weighted_mean_of_finite_backward(grad, finite, ctx.weights), None
+
+
+_aggregate_op.register_autograd(_aggregate_backward, setup_context=_setup_aggregate)
+
+
+@torch.library.custom_op("simfx::weighted_mean_of_finite_backward", mutates_args=())
+def _aggregate_backward_op(grad: Tensor, finite: Tensor, weights: List[float]) -> List[Tensor]:
+    """Each loss's gradient: ``(grad / count) * w_i`` where finite, 0 elsewhere."""
+    scaled = grad / finite.sum().clamp(min=1)
+    return [torch.where(ok, scaled * w, 0) for ok, w in zip(finite.unbind(), weights)]
+
+
+@_aggregate_backward_op.register_fake
+def _(grad, finite, weights):
+    return [grad.new_empty(()) for _ in weights]
 
 
 def flush() -> None:
