@@ -272,7 +272,7 @@ def test_aggregate_is_beta_times_mean_of_finite_losses():
     assert aggregate_losses([torch.tensor(float("nan"))], [1.0]).item() == 0.0
 
 
-_AGGREGATE_CASES = pytest.mark.parametrize("weights", [[5e-3] * 4, [1.0, 1.0, 2.0, 1.0]], ids=["same", "mixed"])
+_AGGREGATE_WEIGHTS = pytest.mark.parametrize("weights", [[5e-3] * 4, [1.0, 1.0, 2.0, 1.0]], ids=["same", "mixed"])
 _AGGREGATE_VALUES = pytest.mark.parametrize(
     "values", [[1.0, float("inf"), 3.0, float("nan")], [float("nan")] * 4, [1.0, 2.0, 3.0, 4.0]])
 
@@ -285,7 +285,7 @@ def _aggregate_and_grads(aggregate, values, weights):
     return total.detach(), [loss.grad for loss in losses]
 
 
-@_AGGREGATE_CASES
+@_AGGREGATE_WEIGHTS
 @_AGGREGATE_VALUES
 def test_compiled_aggregate_equals_eager_in_value_and_gradient(weights, values):
     # Compiled on a CPU, the aggregate is one operator running the eager maths, with the
@@ -306,7 +306,7 @@ def test_compiled_aggregate_equals_eager_in_value_and_gradient(weights, values):
     assert all(torch.equal(g, h) for g, h in zip(got_grads, want_grads))
 
 
-@_AGGREGATE_CASES
+@_AGGREGATE_WEIGHTS
 @_AGGREGATE_VALUES
 def test_unstacked_aggregate_equals_eager_in_value_and_gradient(weights, values):
     # The form compiled on a GPU (on a CPU the compiled aggregate is an operator,
