@@ -50,7 +50,7 @@ from torch.nn.modules import module as _module_hooks
 from .losses import norm_mse_backward, norm_mse_forward_stacked
 from .tokens import narrow_channels, put_tokens, sample_block_tokens, sample_count, to_tokens
 
-__all__ = ["rho_sim_norm_mse", "rho_sim_block_loss"]
+__all__ = ["rho_sim_norm_mse", "rho_sim_block_loss", "compiled_on_cpu"]
 
 
 def rho_sim_norm_mse(objective: nn.Module, x_tokens: Tensor, y_tokens: Tensor) -> Tensor | None:
@@ -70,6 +70,17 @@ def rho_sim_norm_mse(objective: nn.Module, x_tokens: Tensor, y_tokens: Tensor) -
     return _RhoSimNormMSE.apply(y_tokens, x_tokens, *layers)
 
 
+def compiled_on_cpu(t: Tensor) -> bool:
+    """Whether ``torch.compile`` is tracing a computation on CPU tensors like ``t``.
+
+    There SIM's maths runs as opaque operators (the end of this file, and the aggregate in
+    :mod:`~simfx.runtime.monitor`): inductor's C++ kernels for it cost a compiler run each
+    in the first compiled step and ran no faster than the eager code. On a GPU the compiler
+    gets the plain expressions, whose fused kernels beat dozens of separate launches.
+    """
+    return torch.compiler.is_compiling() and t.device.type == "cpu"
+
+
 def _layers(objective: nn.Module, x_tokens: Tensor, y_tokens: Tensor) -> tuple | None:
     """``(pre_proj weight or None, w1, b1, w2, b2, w3, b3, wp, bp)`` if the fast path applies.
 
@@ -78,8 +89,8 @@ def _layers(objective: nn.Module, x_tokens: Tensor, y_tokens: Tensor) -> tuple |
     """
     if objective.loss != "norm_mse":
         return None
-    if torch.compiler.is_compiling() and y_tokens.device.type != "cpu":
-        return None  # on a GPU the compiler's fused kernels of the reference beat ~60 separate ones
+    if torch.compiler.is_compiling() and not compiled_on_cpu(y_tokens):
+        return None  # the compiler gets the reference expression (compiled_on_cpu says why)
     children = objective._modules  # plain dict reads: this runs for every block at every step
     pre, proj, predictor = children.get("pre_proj"), children.get("proj"), children.get("predictor")
     if type(proj) is not nn.Sequential or type(predictor) is not nn.Linear or type(pre) not in (nn.Linear, nn.Identity):

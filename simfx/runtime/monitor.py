@@ -32,6 +32,8 @@ from typing import List, Sequence  # typing's List: torch 2.5's schema inference
 import torch
 from torch import Tensor
 
+from .fused import compiled_on_cpu
+
 
 __all__ = ["NonFiniteLossWarning", "aggregate_losses", "weighted_mean_of_finite", "flush"]
 
@@ -71,7 +73,7 @@ def weighted_mean_of_finite(losses: Sequence[Tensor], weights: Sequence[float]) 
 def _weighted_mean_and_flags(losses: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
     """The weighted mean of the finite losses, and which losses were finite (the monitor reads those)."""
     if torch.compiler.is_compiling():
-        if losses and losses[0].device.type == "cpu":
+        if losses and compiled_on_cpu(losses[0]):
             return torch.ops.simfx.weighted_mean_of_finite(list(losses), [float(w) for w in weights])[0], None
         return _weighted_mean_unstacked(losses, weights), None
     stacked = torch.stack(list(losses))
