@@ -113,9 +113,8 @@ def _weighted_mean_unstacked(losses: Sequence[Tensor], weights: Sequence[float])
 
 @torch.library.custom_op("simfx::weighted_mean_of_finite", mutates_args=())
 def _aggregate_op(losses: List[Tensor], weights: List[float]) -> tuple[Tensor, Tensor]:
-    """``(weighted mean of the finite losses, which were finite)``."""
-    total, finite = _weighted_mean_and_flags(losses, weights)
-    return total, finite
+    """``(weighted mean of the finite losses, which were finite)``: the eager aggregate."""
+    return _weighted_mean_and_flags(losses, weights)
 
 
 @_aggregate_op.register_fake
