@@ -210,7 +210,6 @@ class _Job:
     model: nn.Module
     inputs: ExampleInputs
     flags: Mapping[str, Any]
-    notes: tuple[str, ...]
     capture: _Capture
     selection: _Selection
     per_block: bool
@@ -220,16 +219,32 @@ class _Job:
     def attempt(self, frontend: str) -> _Built:
         """Capture with ``frontend``, select, and (when a block is chosen) rewrite and check."""
         built = _analyse(self.model, self.inputs, frontend, self.capture, self.selection)
-        built.notes = self.notes
+        built.notes = _flag_notes(self.model, self.flags, built.traced.runtime)
         if built.plan.blocks:
+            eval_call = built.traced.call.without(tuple(self.flags))
             built.sim = rewrite(
                 built.traced, built.plan, candidates=built.candidates, per_block=self.per_block,
-                loss_in_output=self.loss_in_output,
-                eval_call=built.traced.call.without(tuple(self.flags)), notes=self.notes,
+                loss_in_output=self.loss_in_output, eval_call=eval_call, notes=built.notes,
             )
-            status = check_training_graph(built.sim, built.traced) if self.check else "skipped: check=False"
+            status = check_training_graph(built.sim, built.traced, eval_call) if self.check else "skipped: check=False"
             built.sim.simfx_info = _with_check(built.sim.simfx_info, status)
         return built
+
+
+def _flag_notes(model: nn.Module, flags: Mapping[str, Any], runtime: str) -> tuple[str, ...]:
+    """What simfx passes to the forward beyond the example, and when."""
+    name = type(model).__name__
+    if runtime == "model":
+        return tuple(
+            f"{flag}={value!r} is passed to {name}.forward when simfx captures it for analysis (the example leaves "
+            f"it to the model's default); training and eval call the model as you do"
+            for flag, value in flags.items()
+        )
+    return tuple(
+        f"{flag}={value!r} is passed to {name}.forward in training (the example leaves it to the model's default; "
+        f"training does not need it); eval mode calls the model as you do"
+        for flag, value in flags.items()
+    )
 
 
 # What makes a capture attempt fail in a way the other frontend may not.
@@ -241,12 +256,7 @@ def _build_with_fallbacks(model, user_inputs, capture: _Capture, selection: _Sel
     if capture.frontend not in FRONTENDS:
         raise ValueError(f"frontend={capture.frontend!r} is not one of {FRONTENDS}.")
     inputs, flags = training_inputs(model, user_inputs)
-    notes = tuple(
-        f"{name}={value!r} is passed to {type(model).__name__}.forward in training (the example leaves it to the "
-        f"model's default; training does not need it); eval mode calls the model as you do"
-        for name, value in flags.items()
-    )
-    job = _Job(model, inputs, flags, notes, capture, selection, per_block, check, loss_in_output)
+    job = _Job(model, inputs, flags, capture, selection, per_block, check, loss_in_output)
     if capture.frontend != "auto":
         return job.attempt(capture.frontend)
     try:

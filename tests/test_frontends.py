@@ -37,9 +37,9 @@ def assert_eval_exact(sim, model, *inputs):
     assert pairs and all(torch.equal(a, b) for a, b in pairs)
 
 
-def train_step(sim, *inputs):
+def train_step(sim, *inputs, **keywords):
     sim.train()
-    out, loss = sim(*inputs)
+    out, loss = sim(*inputs, **keywords)
     assert torch.isfinite(loss) and loss > 0
     (task_loss(out) + loss).backward()
     missing = [n for n, p in sim.simfx.named_parameters() if p.grad is None]
@@ -89,8 +89,11 @@ def test_non_tensor_and_keyword_example_inputs_are_bound_as_constants():
     with torch.no_grad():
         assert torch.equal(flipped(x)[0], model(x, augment=True))
     scaled = simfx.transform(model, (x,), frontend="fx")
-    with pytest.raises(TypeError):
-        scaled(x, augment=True)  # the graph takes exactly the example's tensors
+    with torch.no_grad():  # eval calls the model as it is called
+        assert torch.equal(scaled(x, augment=True)[0], model(x, augment=True))
+    scaled.train()
+    with pytest.raises(TypeError, match="keyword argument 'augment', which the example did not pass"):
+        scaled(x, augment=True)  # the training graph takes exactly the example's call
 
 
 class MaskedNet(nn.Module):
@@ -327,18 +330,56 @@ def test_export_frontend_on_resnet18_trains_evaluates_exactly_and_strips():
         assert torch.equal(plain(x), model.eval()(x))
 
 
-def test_an_export_graph_refuses_a_batch_of_another_shape_naming_the_input_and_the_fix():
+class MaskedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.layers = nn.ModuleList([Residual(16), Residual(16)])
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, tokens, mask=None):
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h)
+        if mask is not None:
+            h = h * mask.unsqueeze(-1)
+        return self.head(h.mean(dim=1))
+
+
+class Residual(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(width), nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+def test_a_model_captured_by_export_trains_itself_at_every_shape_and_call_it_accepts():
+    model = MaskedEncoder()
     example = {"tokens": torch.randn(2, 5, 6), "mask": torch.ones(2, 5)}
-    sim = simfx.transform(MaskedNet(), example, frontend="export")
-    train_step(sim, torch.randn(3, 5, 6), torch.ones(3, 5))  # another batch size is fine
-    with pytest.raises(simfx.InputShapeError, match=r"input 'tokens' has shape 3x7x6, but the training graph was "
-                       r"captured by torch\.export for Bx5x6 .*Transform with an example of the shape you train with"):
-        sim(torch.randn(3, 7, 6), torch.ones(3, 7))
+    sim = simfx.transform(model, example, frontend="export")
+    assert sim.simfx_info.runtime == "model" and sim.simfx_info.check == "passed"
+    assert sim.simfx_info.taps == {
+        f"layers.{i}": (f"argument x of 'layers.{i}'", f"the result of 'layers.{i}'") for i in range(2)}
+    for batch, length in ((3, 5), (3, 7), (1, 11)):
+        train_step(sim, torch.randn(batch, length, 6), torch.ones(batch, length))
+    train_step(sim, tokens=torch.randn(2, 9, 6))  # the mask left to the model's default, by keyword
+    assert_eval_exact(sim, model, torch.randn(3, 7, 6), torch.ones(3, 7))
     sim.eval()
-    sim(torch.randn(3, 7, 6), torch.ones(3, 7))  # eval runs the model itself, at any shape
-    # fx records shape arithmetic as graph nodes: its graph runs at other sizes.
-    traced = simfx.transform(MaskedNet(), example, frontend="fx")
+    with torch.no_grad():  # eval takes any call the model takes, with or without the example's arguments
+        assert torch.equal(sim(torch.randn(2, 4, 6).fill_(1))[0], model(torch.ones(2, 4, 6)))
+    # fx records shape arithmetic as graph nodes: its graph runs at other sizes too.
+    traced = simfx.transform(MaskedEncoder(), example, frontend="fx")
     train_step(traced, torch.randn(3, 7, 6), torch.ones(3, 7))
+
+
+def test_an_inline_residual_whose_sum_reaches_no_module_call_is_not_read_when_the_model_runs_itself():
+    table = simfx.find_boundaries(MaskedNet(), {"tokens": torch.randn(2, 5, 6)}, frontend="export")
+    residual = next(r for r in table if r.name == "mlp.residual")
+    assert not residual.selected and "reaches no module call" in residual.decision
+    assert "mlp.residual" in [r.name for r in simfx.find_boundaries(
+        MaskedNet(), {"tokens": torch.randn(2, 5, 6)}, frontend="fx").selected()]
 
 
 class RootChunks(nn.Module):

@@ -33,7 +33,7 @@ from simfx.capture import fx_trace as trace
 from simfx.runtime import heads, objectives
 from simfx.options import SimOptions
 
-from conftest import ConvBlock, StopGradient, TinyResNet
+from conftest import ConvBlock, TinyResNet
 
 PACKAGE = pathlib.Path(simfx.__file__).parent
 X = torch.randn(2, 3, 8, 8)
@@ -102,15 +102,71 @@ class TensorCheck(nn.Module):
         return y * 2 if isinstance(y, torch.Tensor) else y
 
 
-class CustomBackward(TinyResNet):
-    def forward(self, x):
-        return super().forward(StopGradient.apply(x))
-
-
 def _hooked(model, *, kind="forward"):
     if kind == "forward":
         model.blocks[0].register_forward_hook(lambda module, args, output: None)
     return model
+
+
+class ReentrantCheckpoint(TinyResNet):
+    """Checkpoints its blocks the old way once asked to: a reentrant checkpoint runs them with gradients off."""
+
+    checkpointing = False
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True) if self.checkpointing else block(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _reentrant_checkpointing_switched_on_after_transform():
+    model = ReentrantCheckpoint()
+    sim = simfx.transform(model, X, frontend="export")
+    model.checkpointing = True
+    sim(X)
+
+
+class SkipsWhenNotExporting(TinyResNet):
+    """Runs its second block only while torch.export traces it (the branch a deployment export takes)."""
+
+    def forward(self, x):
+        x = self.blocks[1](self.blocks[0](self.stem(x)))
+        if torch.compiler.is_exporting():
+            x = self.blocks[2](x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _objective_with_an_unused_parameter():
+    class Unused(nn.Module):
+        def __init__(self, c_in, c_out, options):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x_tokens, y_tokens):
+            return y_tokens.float().square().mean()
+
+    with objectives.OBJECTIVES.registered("unused_parameter", Unused):
+        simfx.transform(TinyResNet(), X, frontend="export", objective="unused_parameter")
+
+
+def _fx_training_call_with_a_keyword_the_example_lacked():
+    sim = simfx.transform(MaskedLinear(), torch.randn(2, 5, 4), frontend="fx")
+    sim.train()
+    sim(torch.randn(2, 5, 4), mask=torch.ones(2, 5))
+
+
+class MaskedLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, mask=None):
+        x = self.blocks(x)
+        if mask is not None:
+            x = x * mask.unsqueeze(-1)
+        return self.head(x)
 
 
 def _sim_of(model, **options):
@@ -228,12 +284,6 @@ class SparseGCN(nn.Module):
 
     def forward(self, x, adjacency):
         return self.b(torch.sparse.mm(adjacency, self.a(x)))
-
-
-def _export_of_a_sparse_op():
-    if torch.torch_version.TorchVersion(torch.__version__) < "2.6":
-        pytest.skip("torch 2.5's export captures this torch.sparse.mm: nothing to refuse")
-    simfx.transform(SparseGCN(), (torch.randn(3, 4), torch.eye(3).to_sparse()), frontend="export")
 
 
 def _clamp_rows(x):
@@ -494,10 +544,22 @@ MESSAGES = {
         lambda: simfx.transform(RandomRoot(), X, frontend="fx"), simfx.FaithfulnessError, r"RandomRoot faithfully: the model's own forward draws a random number.*random\.random.*test_messages\.py:\d+.*Move that code into a submodule"),
     "training graph differs from the model": (
         lambda: simfx.transform(TensorCheck(), X, frontend="fx"), simfx.FaithfulnessError, r"training graph for TensorCheck \(fx frontend\) does not compute what the model computes.*output tensor differs.*leaf_modules|output tensor differs"),
-    "export cannot keep hooks of submodules": (
-        lambda: simfx.transform(_hooked(TinyResNet()), X, frontend="export"), simfx.FaithfulnessError, r"export frontend inlines every submodule, so the hooks of 'blocks\.0'.*frontend='fx'"),
-    "export cannot keep a custom backward": (
-        lambda: simfx.transform(CustomBackward(), X, frontend="export"), simfx.FaithfulnessError, r"torch\.export would not keep what CustomBackward does in training: .*StopGradient.*frontend='fx'"),
+    "a block checkpointed with use_reentrant=True, when the model trains itself": (
+        _reentrant_checkpointing_switched_on_after_transform, simfx.FaithfulnessError,
+        r"block 'blocks\.0' ran with gradients off in a training step \(inside torch\.no_grad\(\) or a reentrant "
+        r"torch\.utils\.checkpoint\).*use_reentrant=False.*exclude=\['blocks\.0'\]"),
+    "a block torch.export saw but the model's own forward does not run": (
+        lambda: simfx.transform(SkipsWhenNotExporting(), X, frontend="export"), simfx.FaithfulnessError,
+        r"could not read 1 chosen block\(s\) of SkipsWhenNotExporting when the model ran on the example inputs: "
+        r"'blocks\.2' \(input at argument x of 'blocks\.2', output at the result of 'blocks\.2'\).*exclude"),
+    "an objective with a parameter its loss does not use": (
+        _objective_with_an_unused_parameter, simfx.FaithfulnessError,
+        r"reconstructor parameters 'blocks_0\.objective\.scale'.* get no gradient when TinyResNet trains"),
+    "a training call of a traced graph with a keyword the example lacked": (
+        _fx_training_call_with_a_keyword_the_example_lacked, TypeError,
+        r"MaskedLinear's training graph was traced with the example's call \(1 positional argument\(s\); graph "
+        r"inputs: x\), and this call has keyword argument 'mask', which the example did not pass\. Transform with "
+        r"an example that passes what training passes"),
     "hooks registered after transform on traced code": (
         _hook_after_transform, simfx.FaithfulnessError, r"module 'blocks' has hooks, registered after simfx\.transform.*leaf_modules=\['blocks'\]"),
     "traced module switched mode": (
@@ -534,9 +596,6 @@ MESSAGES = {
     "export fails on a cache output": (
         _with_module("transformers", _returns_a_cache), simfx.TraceError,
         r"torch\.export could not capture ReturnsCache \(train mode\).*Fix: the forward returns a DynamicCache object.*pass use_cache=False"),
-    "export fails on a sparse op, at the users line": (
-        _export_of_a_sparse_op, simfx.TraceError,
-        r"torch\.export could not capture SparseGCN \(train mode\) at test_messages\.py:\d+ `return self\.b\(torch\.sparse\.mm\(adjacency, self\.a\(x\)\)\)`.*Fix: torch\.export cannot capture sparse tensor operations; use frontend='fx'"),
     "export fails on data-dependent control flow, at the users line": (
         lambda: simfx.transform(DataDependent(), torch.randn(2, 4), frontend="export"), simfx.TraceError,
         r"could not capture DataDependent \(train mode\) at test_messages\.py:\d+ `return self\.fc\(x\) if x\.sum\(\) > 0 else -x`.*Fix: Python control flow on a tensor's value cannot be exported; rewrite it with torch\.cond"),
@@ -554,6 +613,7 @@ MESSAGES = {
 # Raise sites with no message test, by the exception they raise, and why.
 EXEMPT = {
     "SystemExit": "exits with the CLI's return code; tests/test_cli.py covers the CLI's messages",
+    "AssertionError": "internal invariants between stages (a planned block the analysis found readable)",
     "_NodeFailed": "internal: propagate_shapes turns it into the ExampleInputsError tested above",
 }
 
@@ -584,11 +644,6 @@ class DictOutput(TinyResNet):
         return {"logits": super().forward(x)}
 
 
-def _export_graph_at_another_length():
-    sim = simfx.transform(TinyResNet(), X, frontend="export")
-    sim(torch.randn(2, *X.shape[1:-1], X.shape[-1] + 4))
-
-
 class DictOutputTakingKwargs(DictOutput):
     """Takes **kwargs, as Hugging Face models do (the Trainer then passes num_items_in_batch)."""
 
@@ -597,10 +652,6 @@ class DictOutputTakingKwargs(DictOutput):
 
 
 MESSAGES.update({
-    "a training batch of another shape than an export graph was captured at": (
-        _export_graph_at_another_length, simfx.InputShapeError,
-        r"input 'x' has shape 2x3x8x12, but the training graph was captured by torch\.export for Bx3x8x8 "
-        r"\(B: any batch size\).*Transform with an example of the shape you train with"),
     "SimLossCallback with gradient accumulation and no num_items_in_batch in the example": (
         _with_module("transformers", lambda: _sim_loss_callback(
             simfx.transform(DictOutputTakingKwargs(), X, loss_in_output=True), gradient_accumulation_steps=2)),

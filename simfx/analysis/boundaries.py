@@ -19,6 +19,7 @@ reason; choosing among them is the select stage's job.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from .layout import (
     axis_before, default_channel_dim, is_layout_op, layout_name, op_name, token_count, weight_layer_layout,
 )
 from .shapes import GraphShapes, TensorMeta
+from .taps import untappable_reason
 from ..capture.module_facts import weight_layers
 from ..capture.record import ScopeFrame, TracedModel
 from ..fx_utils import fetch_attr
@@ -351,7 +353,17 @@ def find_candidates(traced: TracedModel, shapes: GraphShapes) -> list[Boundary]:
                   for frame, region in frame_regions.items()]
     candidates += [_region_boundary(name, region, facts) for name, region in standalone]
     candidates.sort(key=lambda b: (facts.order[facts.by_name[b.nodes[0]]], -len(b.nodes)))
+    if traced.runtime == "model":
+        candidates = [_readable_when_the_model_runs(b, traced) for b in candidates]
     return candidates
+
+
+def _readable_when_the_model_runs(boundary: Boundary, traced: TracedModel) -> Boundary:
+    """``boundary``, ineligible where the model's own forward offers no module call to read it at."""
+    if not boundary.eligible:
+        return boundary
+    reason = untappable_reason(traced, boundary)
+    return dataclasses.replace(boundary, eligible=False, reason=reason) if reason else boundary
 
 
 def _residuals(frames, frame_regions, facts: _GraphFacts) -> tuple[set[ScopeFrame], list[tuple[str, _Region]]]:

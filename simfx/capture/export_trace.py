@@ -1,4 +1,4 @@
-"""Stage 1, second frontend — capture a model with ``torch.export`` instead of fx.
+"""Stage 1, second frontend — capture a model with ``torch.export`` for analysis.
 
 ``torch.export`` traces through code ``symbolic_trace`` cannot (data-structure
 manipulation, ``*args`` forwards, iterating tensors, mask and cache code of
@@ -6,52 +6,57 @@ Hugging Face transformers) and records ATen operations with
 ``node.meta["nn_module_stack"]``, so the same boundaries stage finds module
 scopes and residual adds on its graph.
 
-The model is exported once, in training mode, as export's training IR: the
-ATen operations eager PyTorch runs (in-place ones included, so BatchNorm updates
-the user's running statistics as in eager mode), with ``torch.no_grad()`` and
-``autocast`` regions kept as ``wrap_with_set_grad_enabled``/``wrap_with_autocast``
-calls. Nothing is decomposed further. The graph is re-rooted on a shallow copy
-of the user's model: every parameter and buffer the graph reads resolves by its
-original qualified name to the user's own tensor, so ``state_dict`` names,
-shared parameters and gradients are the model's.
+The exported graph is what simfx *analyses*, never what trains: a model
+captured this way trains by running its own forward, with SIM reading the
+chosen blocks' inputs and outputs at their module calls
+(:mod:`simfx.runtime.taps`). So the capture keeps, besides the graph, every
+module call's signature (``preserve_module_call_signature``): which graph
+values each call of each submodule took as arguments and returned, and where
+in its ``(args, kwargs)`` and its result (:class:`~simfx.capture.record.ModuleCall`).
+Nothing the graph would lose (hooks, checkpointing, Python state, random draws,
+sizes export specialises) matters for training, so nothing is refused here:
 
-What the export path cannot do (documented in the README):
-
-* data-dependent control flow (``if x.sum() > 0``) still fails; use
-  ``torch.cond`` or keep such code out of the forward;
-* the graph is specialised to the example's non-batch shapes; the batch axis is
-  dynamic where the model allows (``Dim.AUTO``, torch >= 2.6), else fixed too;
-* submodules are inlined, so every block is traced (none is a module call):
-  hooks on submodules, custom ``autograd.Function`` backwards and activation
-  checkpointing cannot be kept and are refused, with the fx frontend as the fix;
+* the model is exported once, in training mode, with static shapes (the graph
+  never runs, so no axis needs to be symbolic), its hooks switched off and
+  the randomness its config switches on for training (LayerDrop, SpecAugment)
+  switched off, from fixed seeds, so the analysis sees every layer and is the
+  same on every run;
+* the graph is re-rooted on a shallow copy of the user's model: every parameter
+  and buffer it reads resolves by its original qualified name to the user's own
+  tensor, so ``state_dict`` names are the model's;
 * outputs are rebuilt from export's flattened outputs with its recorded pytree
   spec (tensors, tuples, lists, dicts and registered containers such as
   transformers' ``ModelOutput``).
+
+What still fails: code export cannot run at all (data-dependent control flow on
+the example, unsupported operations); the error says what torch reported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 import re
-import sys
 import warnings
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..errors import FaithfulnessError, TraceError
-from .inputs import CallTemplate, ExampleInputs, bound_forward_class
-from .recorders import TraceRecorder, frame_location, user_frame
+from ..errors import TraceError
+from .inputs import TRAINING_RANDOMNESS, CallTemplate, ExampleInputs, bound_forward_class
+from .recorders import frame_location, user_frame
 from ..fx_utils import fetch_attr
-from .module_facts import has_hooks, hooks_suppressed, preserved_module_state
-from .record import TracedModel, frames_from_module_stack
+from .module_facts import hooks_suppressed, preserved_module_state, seeded
+from .record import ModuleCall, ScopeFrame, TracedModel, frames_from_module_stack
 
 __all__ = ["export_model"]
 
 _PREFIX = "_simfx_export"
+_SEED = 20250918
 
 
 class OutputStructure(nn.Module):
@@ -66,14 +71,7 @@ class OutputStructure(nn.Module):
 
 
 def export_model(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
-    """Export ``model`` in training mode; one :class:`TracedModel` over the user's modules."""
-    hooked = [name or type(model).__name__ for name, m in model.named_modules() if name and has_hooks(m)]
-    if hooked:
-        raise FaithfulnessError(
-            f"the export frontend inlines every submodule, so the hooks of {', '.join(map(repr, hooked[:4]))} "
-            f"would never run in training. Use frontend='fx' (modules with hooks run as calls there), or remove "
-            f"the hooks before transforming."
-        )
+    """Export ``model`` in training mode; one :class:`TracedModel` over the user's modules, with its module calls."""
     root = copy.copy(model)
     # The copy gets its own containers: attributes export needs (lifted constants,
     # the output rebuilder) must not land in the user's model.
@@ -82,59 +80,49 @@ def export_model(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
     if bound is not None:
         root.__class__ = bound
     args = inputs.tensors if bound is not None else tuple(inputs.args)
-    names = {id(m): name for name, m in model.named_modules()}
-    names[id(root)] = ""
-    recorder = TraceRecorder(lambda: _module_on_stack(names), names)
     # export warns about tensors a forward caches on modules; preserved_module_state undoes them.
-    with preserved_module_state(model), hooks_suppressed(model), warnings.catch_warnings():
+    with preserved_module_state(model), hooks_suppressed(model), _training_randomness_off(model), \
+            seeded(_SEED), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
         root.train(True)
-        with recorder, torch.enable_grad():  # grad-mode switches in the graph are relative to this
-            program, args = _export(root, args, model)
-    findings = [f for f in recorder.findings]
-    if findings:
-        details = "; ".join(f.describe() for f in findings[:3])
-        raise FaithfulnessError(
-            f"torch.export would not keep what {type(model).__name__} does in training: {details}. Use "
-            f"frontend='fx', where the modules doing this run as calls of their own code."
-        )
+        with torch.enable_grad():  # grad-mode switches in the graph are relative to this
+            program = _export(root, args, model)
     root.training = model.training
     constants: list[str] = []
-    graph, container = _rooted_graph(program, root, model, "train", constants)
+    graph, container = _rooted_graph(program.module(), root, model, "train", constants)
     placeholders = tuple(n.name for n in graph.nodes if n.op == "placeholder")
+    no_grad = _grad_modes_of_the_caller(graph)
     return TracedModel(
         root=root,
         model=model,
         graph=graph,
         call=template or CallTemplate.plain(placeholders),
         scopes={node.name: frames_from_module_stack(root, node) for node in graph.nodes},
-        no_grad=_grad_modes_of_the_caller(graph),
+        no_grad=no_grad,
         output_containers=frozenset({container} - {None}),
         constants=tuple(constants),
         inputs=tuple(args),
         frontend="export",
-        fixed_sizes=tuple(_fixed_sizes(n) for n in graph.nodes if n.op == "placeholder"),
-        flag_readers={name: (where, "", value) for name, (where, _, value) in recorder.flag_readers.items()},
+        calls=_module_calls(program, graph, model, no_grad),
+        runtime="model",
     )
 
 
-def _fixed_sizes(placeholder: fx.Node) -> tuple[int | None, ...] | None:
-    """The sizes export specialised an input to: ints, None where it kept the axis symbolic."""
-    value = placeholder.meta.get("val")
-    if not isinstance(value, torch.Tensor):
-        return None
-    return tuple(size if isinstance(size, int) else None for size in value.shape)
-
-
-def _module_on_stack(names: dict[int, str]) -> str:
-    """The qualified name of the innermost module whose method is running (export keeps no scope of its own)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self") if frame.f_code.co_argcount else None
-        if isinstance(owner, nn.Module) and id(owner) in names:
-            return names[id(owner)]
-        frame = frame.f_back
-    return ""
+@contextlib.contextmanager
+def _training_randomness_off(model: nn.Module) -> Iterator[None]:
+    """The config options of :data:`TRAINING_RANDOMNESS` at 0.0 inside: the capture sees every layer."""
+    config = getattr(model, "config", None)
+    saved = {
+        name: value for name in TRAINING_RANDOMNESS
+        if isinstance(value := getattr(config, name, None), float) and value > 0
+    }
+    for name in saved:
+        setattr(config, name, 0.0)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
 
 
 def _export_function():
@@ -142,24 +130,19 @@ def _export_function():
     return getattr(torch.export, "export_for_training", None) or torch.export.export
 
 
-def _export(root: nn.Module, args: tuple, model: nn.Module) -> tuple[fx.GraphModule, tuple]:
-    """The exported module and the example arguments it was captured with."""
-    dynamic = _batch_dynamic_shapes(args)
-    # export specialises a size-1 axis to 1 (0/1 specialisation), so a batch-1
-    # example would give a graph that only runs at batch 1: capture a batch of two.
-    wide = _batch_of_two(args) if dynamic is not None else None
+def _export(root: nn.Module, args: tuple, model: nn.Module):
+    """The exported program, with the call signature of every submodule kept."""
     export = _export_function()
+    preserved = tuple(name for name, _ in model.named_modules() if name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # export_for_training's deprecation notice
             try:
-                captured = wide if wide is not None else args
-                program = export(root, captured, dynamic_shapes=dynamic, strict=False)
-            except Exception:  # noqa: BLE001 - a model that fixes its batch size exports statically
-                if dynamic is None:
+                return export(root, args, strict=False, preserve_module_call_signature=preserved)
+            except Exception:  # noqa: BLE001 - a signature export cannot keep: capture without them
+                if not preserved:
                     raise
-                captured = args
-                program = export(root, args, strict=False)
+                return export(root, args, strict=False)
     except Exception as error:  # torch.export raises many types; all mean "cannot capture"
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise TraceError(
@@ -167,7 +150,59 @@ def _export(root: nn.Module, args: tuple, model: nn.Module) -> tuple[fx.GraphMod
             f"{frame_location(user_frame(error))}: {type(error).__name__}: {first}\nFix: {_export_fix(error)}",
             "", type(model), first,
         ) from error
-    return program.module(), captured
+
+
+def _module_calls(program, graph: fx.Graph, model: nn.Module, no_grad: frozenset[str]) -> dict:
+    """Each submodule call export kept the signature of, as a :class:`ModuleCall` over ``graph``'s nodes."""
+    nodes = {n.name: n for n in graph.nodes}
+    modules = dict(model.named_modules())
+    calls: dict[ScopeFrame, ModuleCall] = {}
+    for entry in getattr(program, "module_call_graph", ()):
+        signature = entry.signature
+        name, _, repeat = entry.fqn.partition("@")
+        if not name or signature is None or name not in modules:
+            continue
+        frame = ScopeFrame(name, type(modules[name]), int(repeat) if repeat.isdigit() else 0)
+        leaves = [_argument_value(argument, nodes) for argument in signature.inputs]
+        try:
+            call_args, call_kwargs = pytree.tree_unflatten(leaves, signature.in_spec)
+            results = [_argument_value(argument, nodes) for argument in signature.outputs]
+            paths, _ = pytree.tree_flatten_with_path(pytree.tree_unflatten(results, signature.out_spec))
+        except Exception:  # noqa: BLE001 - a signature that does not rebuild: this call is not observable
+            continue
+        outputs = {
+            value.name: tuple(_step(key) for key in path)
+            for path, value in paths if isinstance(value, fx.Node)
+        }
+        first = next((v for v in leaves if isinstance(v, fx.Node)), None)
+        calls[frame] = ModuleCall(
+            frame, tuple(call_args), dict(call_kwargs), outputs,
+            grad_enabled=not (first is not None and first.name in no_grad),
+        )
+    return calls
+
+
+class _Unknown:
+    """An argument export recorded that is not a graph value of ours (a lifted parameter, a token)."""
+
+    def __repr__(self) -> str:
+        return "<not observable>"
+
+
+def _argument_value(argument: Any, nodes: dict[str, fx.Node]) -> Any:
+    if type(argument).__name__ == "ConstantArgument":
+        return argument.value
+    name = getattr(argument, "name", None)
+    return nodes.get(name, _Unknown()) if isinstance(name, str) else _Unknown()
+
+
+def _step(key: Any) -> tuple[str, Any]:
+    """A pytree key as a :class:`ModuleCall` output step."""
+    if hasattr(key, "idx"):
+        return ("item", key.idx)
+    if hasattr(key, "key"):
+        return ("item", key.key)
+    return ("attr", key.name)
 
 
 def _export_fix(error: BaseException) -> str:
@@ -196,21 +231,6 @@ def _export_fix(error: BaseException) -> str:
             "ops, or use frontend='fx' with leaf_modules=[...] for the submodule doing it."
         )
     return "use frontend='fx' (with leaf_modules=[...] for submodules fx cannot trace), or change the code export fails on."
-
-
-def _batch_of_two(args: tuple) -> tuple | None:
-    """``args`` with each batched tensor repeated to batch 2, if the example has batch 1; else None."""
-    batched = [a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0]
-    if not batched or any(a.shape[0] != 1 for a in batched):
-        return None
-    return tuple(a.expand(2, *a.shape[1:]).clone() if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args)
-
-
-def _batch_dynamic_shapes(args: tuple):
-    auto = getattr(getattr(torch.export, "Dim", None), "AUTO", None)
-    if auto is None:
-        return None
-    return tuple({0: auto} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
 
 
 def _rooted_graph(gm: fx.GraphModule, root: nn.Module, model: nn.Module, mode: str,

@@ -35,7 +35,7 @@ from ..errors import TraceError
 from ..fx_utils import copy_graph
 from .inputs import CallTemplate, ExampleInputs, bound_forward_class
 from .module_facts import has_hooks, hidden_blocks, preserved_module_state
-from .record import LeafStructure, ModuleCall, ScopeFrame, TracedModel, frames_from_module_stack
+from .record import LeafStructure, ModuleCall, ScopeFrame, TracedModel, frames_from_module_stack, value_paths
 from .recorders import TraceRecorder, frame_location, user_frame
 from .registry import AUTOWRAP_FUNCTIONS, LEAF_MODULES
 
@@ -121,7 +121,7 @@ class _ScopeTracer(fx.Tracer):
             arguments = self.create_arg((tuple(args), dict(kwargs)))
         except (NotImplementedError, TypeError, ValueError, AttributeError):
             return  # an argument fx cannot represent: this call stays traced
-        outputs = dict(_proxy_paths(result))
+        outputs = dict(value_paths(result, _proxy_name))
         if outputs:
             self.module_calls[frame] = ModuleCall(frame, arguments[0], arguments[1], outputs, grad_enabled)
 
@@ -162,6 +162,10 @@ class _ScopeTracer(fx.Tracer):
         return self._scope[-1].name if self._scope else ""
 
 
+def _proxy_name(value: Any) -> str | None:
+    return value.node.name if isinstance(value, fx.Proxy) else None
+
+
 def _structured(proxy: fx.Proxy, structure: LeafStructure) -> Any:
     kind, elements = structure
     items = []
@@ -173,18 +177,6 @@ def _structured(proxy: fx.Proxy, structure: LeafStructure) -> Any:
         else:
             items.append(_structured(proxy[i], element))
     return tuple(items) if kind == "tuple" else list(items)
-
-
-def _proxy_paths(value: Any, path: tuple = ()) -> Iterator[tuple[str, tuple]]:
-    """(node name, access path) of every proxy in a module's result (tuples, lists, mappings)."""
-    if isinstance(value, fx.Proxy):
-        yield value.node.name, path
-    elif isinstance(value, (tuple, list)):
-        for i, item in enumerate(value):
-            yield from _proxy_paths(item, (*path, ("item", i)))
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            yield from _proxy_paths(item, (*path, ("item", key)))
 
 
 def trace_model(

@@ -264,9 +264,13 @@ def training_inputs(model: nn.Module, inputs: ExampleInputs) -> tuple[ExampleInp
         return inputs, {}
     names = list(parameters)[1:]  # drop self
     set_positionally = set(names[: len(inputs.args)])
+    # A forward taking **kwargs (PEFT's PeftModel, wrappers) passes a flag on when the model's config has it.
+    passes_on = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    config = getattr(model, "config", None)
     added = {
         name: value for name, value in TRAINING_FLAGS.items()
-        if name in parameters and name not in inputs.kwargs and name not in set_positionally
+        if (name in parameters or (passes_on and getattr(config, name, None) is not None))
+        and name not in inputs.kwargs and name not in set_positionally
     }
     if not added:
         return inputs, {}

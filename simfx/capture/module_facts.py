@@ -1,4 +1,4 @@
-"""Facts about a model's modules that capture, analysis and the check rely on, and two guards.
+"""Facts about a model's modules that capture, analysis and the check rely on, and three guards.
 
 * :func:`has_hooks`, :func:`weight_layers`, :func:`hidden_blocks`: read-only facts.
 * :func:`preserved_module_state`: tracers and simfx's own runs execute a model's
@@ -6,23 +6,36 @@
   guard undoes that.
 * :func:`hooks_suppressed`: simfx's own runs (the shape pass, the check) are not
   the user's steps, so the user's hooks must not see them.
+* :func:`seeded`: those runs draw from fixed seeds (torch's, Python's and
+  NumPy's generators) and leave the user's generators where they were.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import random
+import sys
+from typing import Iterator, Sequence
 
+import torch
 from torch import nn
 
-__all__ = ["has_hooks", "weight_layers", "hidden_blocks", "preserved_module_state", "hooks_suppressed"]
+__all__ = [
+    "has_hooks", "weight_layers", "hidden_blocks", "preserved_module_state", "hooks_suppressed", "seeded",
+]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """The module has forward, forward-pre or backward hooks of its own (which a trace would not run)."""
-    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+    """The module has forward, forward-pre or backward hooks of its own (which a trace would not run).
+
+    simfx's own taps (hooks marked ``simfx_tap``, which never change a value) do not count.
+    """
+    return any(
+        not getattr(hook, "simfx_tap", False)
+        for name in _HOOK_DICTS for hook in (getattr(module, name, None) or {}).values()
+    )
 
 
 def weight_layers(module: nn.Module) -> int:
@@ -74,11 +87,34 @@ def hooks_suppressed(model: nn.Module) -> Iterator[None]:
     for m in model.modules():
         for name in _HOOK_DICTS:
             hooks = m.__dict__.get(name)
-            if hooks:
+            if hooks and not all(getattr(hook, "simfx_tap", False) for hook in hooks.values()):
                 saved.append((m, name, hooks))
-                m.__dict__[name] = type(hooks)()
+                # simfx's taps stay: they act only inside its own training steps.
+                m.__dict__[name] = type(hooks)((k, h) for k, h in hooks.items() if getattr(h, "simfx_tap", False))
     try:
         yield
     finally:
         for m, name, hooks in saved:
             m.__dict__[name] = hooks
+
+
+@contextlib.contextmanager
+def seeded(seed: int, cuda_devices: Sequence[int] = ()) -> Iterator[None]:
+    """torch's (CPU and ``cuda_devices``), Python's and NumPy's generators seeded inside, restored after.
+
+    NumPy counts too: Hugging Face's SpecAugment masks draw with it.
+    """
+    state = random.getstate()
+    numpy_random = sys.modules.get("numpy.random")
+    numpy_state = numpy_random.get_state() if numpy_random is not None else None
+    with torch.random.fork_rng(devices=list(cuda_devices)):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        if numpy_random is not None:
+            numpy_random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+            if numpy_random is not None:
+                numpy_random.set_state(numpy_state)

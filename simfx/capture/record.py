@@ -10,7 +10,7 @@ another's marks on the nodes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch.fx as fx
 from torch import nn
@@ -18,7 +18,7 @@ from torch import nn
 from .inputs import CallTemplate
 from .recorders import Finding
 
-__all__ = ["ScopeFrame", "ModuleCall", "TracedModel", "LeafStructure", "frames_from_module_stack"]
+__all__ = ["ScopeFrame", "ModuleCall", "TracedModel", "LeafStructure", "frames_from_module_stack", "value_paths"]
 
 
 class ScopeFrame(NamedTuple):
@@ -51,6 +51,23 @@ class ModuleCall:
     grad_enabled: bool
 
 
+def value_paths(value: Any, name_of: Callable[[Any], str | None], path: tuple = ()) -> Iterator[tuple[str, tuple]]:
+    """(name, access path) of every graph value in a nested call argument or result.
+
+    ``name_of`` names a graph value (a node, a proxy) and returns None for anything
+    else; tuples, lists and mappings are walked, with ``("item", key)`` steps.
+    """
+    name = name_of(value)
+    if name is not None:
+        yield name, path
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            yield from value_paths(item, name_of, (*path, ("item", i)))
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from value_paths(item, name_of, (*path, ("item", key)))
+
+
 # How an opaque module's output is traced: None for one proxy, else the structure
 # of its tuple/list result (element i: None for a proxy[i], or ("constant", value)).
 LeafStructure = Any
@@ -70,9 +87,10 @@ class TracedModel:
     and ``output_containers`` (nodes that only rebuild the output's dict or
     ``ModelOutput``).
 
-    ``fixed_sizes`` gives, per input, the sizes the graph only runs at (None for a
-    free axis, None for an input that is not a tensor); empty when the capture does
-    not specialise sizes (fx records shape arithmetic as graph nodes).
+    ``runtime`` says what trains: ``"graph"`` (this graph, with the chosen blocks
+    put back as calls of their modules: fx) or ``"model"`` (the model's own
+    forward, with SIM reading the chosen blocks at their module calls; the graph
+    is only analysed: export).
 
     ``opaque`` maps the qualified names of modules kept opaque to the reason;
     ``automatic`` names those kept opaque without being asked to (fx failed inside
@@ -98,7 +116,7 @@ class TracedModel:
     flag_readers: dict[str, tuple[str, str, bool]] = field(default_factory=dict)
     findings: tuple[Finding, ...] = ()
     automatic: tuple[str, ...] = ()
-    fixed_sizes: tuple[tuple[int | None, ...] | None, ...] = ()
+    runtime: str = "graph"
 
     def scope(self, node: fx.Node | str) -> tuple[ScopeFrame, ...]:
         """The module calls ``node`` was recorded inside (outermost first)."""

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
-import sys
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -32,9 +30,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import FaithfulnessError
-from ..runtime.module import SimGraphModule
+from ..runtime.module import NAMESPACE, SimGraphModule
 from .rewrite import plain_graph
-from ..capture.module_facts import hooks_suppressed, preserved_module_state
+from ..capture.module_facts import hooks_suppressed, preserved_module_state, seeded
 from ..capture.record import TracedModel
 
 __all__ = ["check_training_graph"]
@@ -44,12 +42,17 @@ log = logging.getLogger("simfx")
 _SEED = 20250918
 
 
-def check_training_graph(sim: SimGraphModule, traced: TracedModel) -> str:
-    """``"passed"``, or why the check was skipped; a :class:`~simfx.FaithfulnessError` on a difference."""
+def check_training_graph(sim: SimGraphModule, traced: TracedModel, eval_call=None) -> str:
+    """``"passed"``, or why the check was skipped; a :class:`~simfx.FaithfulnessError` on a difference.
+
+    ``eval_call`` is the model's call as the user makes it (the model runtime's steps).
+    """
     model = traced.model
     tensors = [*model.parameters(), *model.buffers(), *(t for t in traced.inputs if isinstance(t, torch.Tensor))]
     if any(t.is_meta for t in tensors):
         return "skipped: the model or the example inputs are on the meta device"
+    if traced.runtime == "model":
+        return _check_taps(sim, traced, eval_call or traced.call)
     graph_module = fx.GraphModule(sim, plain_graph(sim))
     args, kwargs = traced.call.model_call(tuple(traced.inputs))
     parameters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -57,14 +60,7 @@ def check_training_graph(sim: SimGraphModule, traced: TracedModel) -> str:
         try:
             expected = _run(lambda: model(*args, **kwargs), parameters, model)
         except Exception as error:  # the model itself cannot train on these inputs: nothing to compare
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            warnings.warn(
-                f"simfx could not check its training graph: {type(model).__name__} raised on the example "
-                f"inputs in training mode ({type(error).__name__}: {first}). Pass example inputs a training "
-                f"step can run on (a batch of 2 or more), or check=False to silence this.",
-                stacklevel=3,
-            )
-            return f"skipped: the model raised on the example inputs ({type(error).__name__})"
+            return _unchecked(model, error, "its training graph")
         reset()
         try:
             actual = _run(lambda: graph_module(*traced.inputs), parameters, model)
@@ -81,12 +77,59 @@ def check_training_graph(sim: SimGraphModule, traced: TracedModel) -> str:
     return "passed"
 
 
+def _check_taps(sim: SimGraphModule, traced: TracedModel, call) -> str:
+    """The model runtime: one training step on the example reads every block and trains every reconstructor."""
+    model = traced.model
+    args, kwargs = call.model_call(tuple(traced.inputs))
+    heads = [(name, p) for name, p in sim.get_submodule(NAMESPACE).named_parameters()]
+    devices = sorted({p.device.index or 0 for _, p in heads if p.device.type == "cuda"})
+    with _restored(model), seeded(_SEED, devices), torch.enable_grad():
+        model.train(True)
+        try:
+            _, losses = sim._simfx_block_losses(args, kwargs)
+        except FaithfulnessError:
+            raise
+        except Exception as error:  # the model itself cannot train on these inputs: nothing to check
+            return _unchecked(model, error, "where it reads the blocks")
+        taps = sim.simfx_info.taps
+        unread = [name for name, loss in zip(sim.simfx_info.plan.names, losses) if loss is None]
+        if unread:
+            shown = "; ".join(f"'{n}' (input at {taps[n][0]}, output at {taps[n][1]})" for n in unread[:4])
+            raise FaithfulnessError(
+                f"simfx could not read {len(unread)} chosen block(s) of {type(model).__name__} when the model ran on "
+                f"the example inputs: {shown}. The model's forward did not make those module calls as it did when "
+                f"torch.export captured it. Fix: exclude them (transform(..., exclude=[...])), or pass example "
+                f"inputs that run them."
+            )
+        total = sum(loss.float() for loss in losses)
+        wanted = [p for _, p in heads]
+        grads = torch.autograd.grad(total, wanted, allow_unused=True) if wanted and total.requires_grad else None
+    missing = [name for (name, _), g in zip(heads, grads or [None] * len(heads)) if g is None]
+    if missing:
+        raise FaithfulnessError(
+            f"reconstructor parameters {', '.join(repr(n) for n in missing[:4])} get no gradient when "
+            f"{type(model).__name__} trains on the example inputs, so SIM would not train them."
+        )
+    return "passed"
+
+
+def _unchecked(model: nn.Module, error: Exception, what: str) -> str:
+    """The warning and the check's status when the model itself raises on the example inputs."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    warnings.warn(
+        f"simfx could not check {what}: {type(model).__name__} raised on the example inputs in training mode "
+        f"({type(error).__name__}: {first}). Pass example inputs a training step can run on (a batch of 2 or "
+        f"more), or check=False to silence this.",
+        stacklevel=5,
+    )
+    return f"skipped: the model raised on the example inputs ({type(error).__name__})"
+
+
 def _run(forward: Callable[[], Any], parameters, model: nn.Module):
     """Outputs and parameter gradients of one training-mode forward from a fixed seed."""
     model.train(True)
     devices = sorted({p.device.index or 0 for _, p in parameters if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices), _python_and_numpy_seeded(), torch.enable_grad():
-        torch.manual_seed(_SEED)
+    with seeded(_SEED, devices), torch.enable_grad():
         output = forward()
         leaves, spec = pytree.tree_flatten(output)
         generator = torch.Generator().manual_seed(_SEED)
@@ -100,23 +143,6 @@ def _run(forward: Callable[[], Any], parameters, model: nn.Module):
         if score is not None and parameters:
             grads = torch.autograd.grad(score, [p for _, p in parameters], allow_unused=True)
     return spec, [_detached(leaf) for leaf in leaves], list(grads)
-
-
-@contextlib.contextmanager
-def _python_and_numpy_seeded() -> Iterator[None]:
-    """Python's and NumPy's generators seeded too (SpecAugment masks draw with NumPy), then restored."""
-    state = random.getstate()
-    numpy_random = sys.modules.get("numpy.random")
-    numpy_state = numpy_random.get_state() if numpy_random is not None else None
-    random.seed(_SEED)
-    if numpy_random is not None:
-        numpy_random.seed(_SEED)
-    try:
-        yield
-    finally:
-        random.setstate(state)
-        if numpy_random is not None:
-            numpy_random.set_state(numpy_state)
 
 
 def _detached(value: Any) -> Any:

@@ -17,6 +17,11 @@ traced graph with three changes:
    ``set_grad_enabled``), explicit ``torch._C._set_grad_enabled`` nodes switch it
    at the same places (restoring the caller's mode after each region).
 
+For a capture whose ``runtime`` is ``"model"`` (torch.export) the graph is only a
+picture of the training computation: the module trains by calling the model's
+own forward, with a tap per block value at the module call the analysis found
+(:mod:`simfx.analysis.taps`, :mod:`simfx.runtime.taps`).
+
 Eval mode runs the model itself (:mod:`simfx.runtime.module`). What the rewrite did
 to the graph's nodes (which it inserted, which block each belongs to, the module
 calls each was recorded inside) is recorded in ``sim.simfx_info`` by node name.
@@ -32,6 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis.boundaries import Boundary
+from ..analysis.taps import BlockTaps, tap_points
 from ..capture.inputs import CallTemplate
 from ..capture.record import ScopeFrame, TracedModel
 from ..fx_utils import copy_graph, output_node
@@ -40,6 +46,7 @@ from ..runtime import monitor
 from ..runtime.heads import BoundaryObjective, build_objective
 from ..runtime.info import SimInfo
 from ..runtime.module import NAMESPACE, SimGraphModule
+from ..runtime.taps import TapSpec
 from .collapse import collapse_calls
 
 __all__ = ["rewrite", "collapsible_frames", "plain_graph"]
@@ -90,7 +97,9 @@ def rewrite(
 
     holder = _module_tree(traced)
     holder._modules[NAMESPACE] = heads
-    traced_frames = _traced_frames(graph, facts)
+    runs_model = traced.runtime == "model"
+    traced_frames = set() if runs_model else _traced_frames(graph, facts)
+    block_taps = {b.name: _taps_of(traced, b) for b in plan.blocks} if runs_model else {}
     model_modules = dict(traced.model.named_modules())
     sim = SimGraphModule(
         holder,
@@ -107,7 +116,13 @@ def rewrite(
         block_names=[b.name for b in plan.blocks],
         per_block=per_block,
         loss_in_output=loss_in_output,
-        fixed_sizes=traced.fixed_sizes,
+        runtime=traced.runtime,
+        taps=[
+            TapSpec(index, role, tap.module, tap.call, tap.side, tap.path)
+            for index, block in enumerate(plan.blocks)
+            for role, tap in (("x", block_taps[block.name].x), ("y", block_taps[block.name].y))
+        ] if runs_model else (),
+        weights=[float(b.options.beta) for b in plan.blocks],
     )
     sim.simfx_info = SimInfo(
         plan=plan,
@@ -124,8 +139,17 @@ def rewrite(
         boundary_of=dict(facts.boundary_of),
         scopes={n.name: facts.scopes.get(n.name, ()) for n in graph.nodes},
         notes=tuple(notes),
+        runtime=traced.runtime,
+        taps={name: (t.x.describe(), t.y.describe()) for name, t in block_taps.items()},
     )
     return sim
+
+
+def _taps_of(traced: TracedModel, block: PlannedBlock) -> BlockTaps:
+    found = tap_points(traced, block.boundary)
+    if isinstance(found, str):  # the analysis marks such candidates ineligible: only a bug gets here
+        raise AssertionError(f"block '{block.name}' cannot be read when the model runs: {found}")
+    return found
 
 
 def _insert_reconstructors(graph, traced: TracedModel, plan: Plan, renamed, standing_for, facts: _NodeFacts):

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..api import transform
 from ..runtime.module import NAMESPACE, SimGraphModule
+from ..runtime.taps import taps_removed
 from . import _lazy_classes
 
 __all__ = ["SimDetectionTrainer", "SIM_LOSS"]
@@ -97,11 +98,12 @@ def _attach(model: nn.Module, sim: SimGraphModule) -> None:
 
 @contextlib.contextmanager
 def _without_sim(model: nn.Module) -> Iterator[None]:
-    """``model`` as Ultralytics built it (no reconstructors, its own ``loss``) inside the block."""
+    """``model`` as Ultralytics built it (no reconstructors, no taps, its own ``loss``) inside the block."""
     reconstructors = model._modules.pop(NAMESPACE, None)
     attributes = {name: model.__dict__.pop(name) for name in ("loss", _SIM) if name in model.__dict__}
     try:
-        yield
+        with taps_removed(model):
+            yield
     finally:
         if reconstructors is not None:
             model._modules[NAMESPACE] = reconstructors

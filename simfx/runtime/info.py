@@ -22,7 +22,11 @@ class SimInfo:
     ``boundary_of`` maps nodes to the block they belong to or were inserted for;
     ``scopes`` gives the module calls each node was recorded inside.
 
-    ``notes`` say what simfx passes to the forward in training beyond the example
+    ``runtime`` says what trains: ``"graph"`` (``sim.graph``) or ``"model"`` (the
+    model's own forward, ``sim.graph`` being the analysed picture of it); ``taps``
+    then says where each block's input and output are read.
+
+    ``notes`` say what simfx passes to the forward beyond the example
     (``use_cache=False``). ``check`` says what the transform-time check found
     (``"passed"``, or why it was skipped).
     """
@@ -42,3 +46,5 @@ class SimInfo:
     scopes: Mapping[str, tuple] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     check: str = "not run"
+    runtime: str = "graph"
+    taps: Mapping[str, tuple[str, str]] = field(default_factory=dict)

@@ -5,6 +5,11 @@
   hooks, checkpointing, grad-mode and autocast regions, train/eval flags and
   in-place code run as in eager PyTorch), plus the reconstructors. It returns
   ``(output, sim_loss)``.
+* **Or the model trains itself.** For a model captured with torch.export the
+  exported graph is only analysed: training calls the model's own forward, as
+  the user calls it, and SIM reads the chosen blocks at their module calls
+  (:mod:`simfx.runtime.taps`). Every input shape, keyword and Python behaviour
+  of the model is then its own.
 * **Eval** calls the user's model itself, with the same arguments, and returns
   ``(model(...), 0)``: bit-exact by construction, hooks and all.
 * **One mode flag.** ``sim.training`` *is* the model's ``training`` flag:
@@ -28,6 +33,7 @@ which module and what to do.
 from __future__ import annotations
 
 import copy
+import inspect
 import linecache
 from collections.abc import MutableMapping
 from typing import Any, Mapping, Sequence
@@ -35,16 +41,29 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
-from ..errors import FaithfulnessError, InputShapeError
+from ..errors import FaithfulnessError
 from ..capture.inputs import CallTemplate
 from ..capture.module_facts import has_hooks
+from . import monitor
+from .taps import TapSpec, install_taps, remove_taps_when_collected, training_step
 
-__all__ = ["SimGraphModule", "NAMESPACE", "strip", "original_state_dict"]
+__all__ = ["SimGraphModule", "NAMESPACE", "MODEL_ATTRIBUTES", "strip", "original_state_dict"]
 
 _MODEL = "_simfx_model"
 NAMESPACE = "simfx"
 """The submodule holding the reconstructors: their ``state_dict`` keys start with ``simfx.``."""
+
+
+MODEL_ATTRIBUTES = frozenset({
+    "config", "generation_config", "main_input_name", "name_or_path",
+    "gradient_checkpointing_enable", "gradient_checkpointing_disable", "activation_checkpointing_enable",
+    "activation_checkpointing_disable", "is_gradient_checkpointing", "supports_gradient_checkpointing",
+    "enable_input_require_grads", "disable_input_require_grads", "get_input_embeddings", "get_output_embeddings",
+})
+"""Attributes of the user's model the transformed module answers with, for the training stacks that read them
+(Hugging Face's ``Trainer`` switches gradient checkpointing on through ``gradient_checkpointing_enable``)."""
 
 
 def _base_class(cls: type) -> type:
@@ -85,7 +104,9 @@ class SimGraphModule(fx.GraphModule):
         block_names: Sequence[str] = (),
         per_block: bool = False,
         loss_in_output: bool = False,
-        fixed_sizes: Sequence[tuple[int | None, ...] | None] = (),
+        runtime: str = "graph",
+        taps: Sequence[TapSpec] = (),
+        weights: Sequence[float] = (),
     ):
         # The dispatching forward needs the call template while fx compiles the graph;
         # the model comes after nn.Module.__init__, whose `training = True` must not
@@ -95,9 +116,14 @@ class SimGraphModule(fx.GraphModule):
         self.__dict__["_simfx_block_names"] = tuple(block_names)
         self.__dict__["_simfx_per_block"] = per_block
         self.__dict__["_simfx_loss_in_output"] = loss_in_output
-        self.__dict__["_simfx_fixed_sizes"] = tuple(fixed_sizes)
+        self.__dict__["_simfx_runtime"] = runtime
+        self.__dict__["_simfx_weights"] = tuple(weights)
         super().__init__(holder, graph, "SimGraphModule")
         self.__dict__[_MODEL] = model
+        if runtime == "model":
+            owner, installed = install_taps(model, taps)
+            self.__dict__["_simfx_tap_owner"], self.__dict__["_simfx_taps"] = owner, installed
+            remove_taps_when_collected(self, model, installed)
         # fx copied only the attributes the graph references, into fresh container
         # modules; adopt the real tree instead so names, hooks and unused modules survive.
         self._modules = dict(holder._modules)
@@ -132,6 +158,15 @@ class SimGraphModule(fx.GraphModule):
                 module.train(mode)
         return self
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get(_MODEL)
+            if name in MODEL_ATTRIBUTES and model is not None:
+                return getattr(model, name)
+            raise
+
     def simfx_model(self) -> nn.Module:
         """The user's model: what eval mode runs and :func:`simfx.strip` returns.
 
@@ -146,26 +181,71 @@ class SimGraphModule(fx.GraphModule):
         result = super().recompile()
         cls = type(self)
         cls._simfx_train_graph_forward = cls.forward
-        names = self._simfx_call.names
-        signature = ", ".join(names)
-        packed = f"({signature},)" if len(names) == 1 else f"({signature})"
-        source = (
-            f"def forward(self, {signature}):\n"
-            f"    if self.training:\n"
-            f"        return self._simfx_train_step({packed})\n"
-            f"    return self._simfx_eval_step({packed})\n"
-        )
+        if self.__dict__.get("_simfx_runtime") == "model":
+            source = (
+                "def forward(self, *args, **kwargs):\n"
+                "    if self.training:\n"
+                "        return self._simfx_train_model(args, kwargs)\n"
+                "    return self._simfx_eval_model(args, kwargs)\n"
+            )
+        else:
+            source = (
+                "def forward(self, *args, **kwargs):\n"
+                "    inputs = self._simfx_graph_inputs(args, kwargs)\n"
+                "    if self.training:\n"
+                "        return self._simfx_train_step(inputs if inputs is not None else self._simfx_refuse(args, kwargs))\n"
+                "    if inputs is None:\n"
+                "        return self._simfx_eval_model(args, kwargs)\n"
+                "    return self._simfx_eval_step(inputs)\n"
+            )
         key = f"<simfx dispatch {id(self):x}>"
         linecache.cache[key] = (len(source), None, source.splitlines(True), key)
         namespace: dict[str, Any] = {}
         exec(compile(source, key, "exec"), namespace)
-        cls.forward = namespace["forward"]
+        forward = namespace["forward"]
+        forward.__signature__ = self._simfx_signature()
+        cls.forward = forward
         return result
+
+    def _simfx_signature(self) -> inspect.Signature:
+        """What ``inspect.signature(sim)`` shows (training stacks read it to pick a batch's columns).
+
+        The model runtime takes the model's own call; the training graph, the example's inputs.
+        """
+        model = self.__dict__.get(_MODEL)
+        if self.__dict__.get("_simfx_runtime") == "model" and model is not None:
+            try:
+                return inspect.signature(type(model).forward)
+            except (TypeError, ValueError):
+                pass
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        return inspect.Signature([inspect.Parameter(n, kind) for n in ("self", *self._simfx_call.names)])
+
+    def _simfx_graph_inputs(self, args: tuple, kwargs: dict) -> tuple | None:
+        """The training graph's inputs from a call: by its input names, or as the model is called; None if neither."""
+        names = self._simfx_call.names
+        if not kwargs and len(args) == len(names):
+            return args
+        if len(args) + len(kwargs) == len(names) and all(k in names[len(args):] for k in kwargs):
+            return (*args, *(kwargs[n] for n in names[len(args):]))
+        return self._simfx_call.inputs_of(args, kwargs)
+
+    def _simfx_refuse(self, args: tuple, kwargs: dict):
+        """The error for a training call the training graph cannot take."""
+        template = self._simfx_call
+        expected = [f"{k}=" for k, _ in template.keywords]
+        unknown = [k for k in kwargs if k not in template.names and k not in dict(template.keywords)]
+        what = (f"keyword argument {unknown[0]!r}, which the example did not pass" if unknown
+                else f"{len(args)} positional and {len(kwargs)} keyword arguments")
+        raise TypeError(
+            f"{type(self.__dict__[_MODEL]).__name__}'s training graph was traced with the example's call "
+            f"({len(template.positional)} positional argument(s){', ' + ', '.join(expected) if expected else ''}; "
+            f"graph inputs: {', '.join(template.names)}), and this call has {what}. Transform with an example that "
+            f"passes what training passes (eval mode calls the model as you call it, with any arguments)."
+        )
 
     def _simfx_train_step(self, inputs: tuple):
         self._simfx_check_traced_modules()
-        if self.__dict__.get("_simfx_fixed_sizes"):
-            self._simfx_check_sizes(inputs)
         model = self.__dict__[_MODEL]
         if has_hooks(model) or _global_hooks():
             outputs = _with_root_hooks(self, model, inputs)
@@ -175,13 +255,40 @@ class SimGraphModule(fx.GraphModule):
 
     def _simfx_eval_step(self, inputs: tuple):
         args, kwargs = self._simfx_eval_call.model_call(inputs)
+        return self._simfx_eval_model(args, kwargs, inputs)
+
+    def _simfx_eval_model(self, args: tuple, kwargs: dict, inputs: tuple | None = None):
         output = self.__dict__[_MODEL](*args, **kwargs)
         if self._simfx_loss_in_output:
             return output
-        zero = _zero_like_first_tensor(inputs)
+        zero = _zero_like_first_tensor(inputs if inputs is not None else (*args, *kwargs.values()))
         if self._simfx_per_block:
             return output, zero, {name: zero for name in self._simfx_block_names}
         return output, zero
+
+    def _simfx_block_losses(self, args: tuple, kwargs: dict) -> tuple[Any, list]:
+        """The model's own call with the taps reading: its output, and each block's loss (None: not run)."""
+        model = self.__dict__[_MODEL]
+        heads = self._modules[NAMESPACE]
+        return training_step(
+            self.__dict__["_simfx_tap_owner"], [heads[key] for key in heads], self._simfx_block_names,
+            lambda: model(*args, **kwargs),
+        )
+
+    def _simfx_train_model(self, args: tuple, kwargs: dict):
+        """A training step of the model runtime: the model's own call, with the taps reading the blocks."""
+        model = self.__dict__[_MODEL]
+        names = self._simfx_block_names
+        output, losses = self._simfx_block_losses(args, kwargs)
+        ran = [i for i, loss in enumerate(losses) if loss is not None]
+        if ran:
+            sim_loss = monitor.aggregate_losses(
+                tuple(losses[i] for i in ran), tuple(self._simfx_weights[i] for i in ran), tuple(names[i] for i in ran),
+            )
+        else:
+            sim_loss = _zero_like_first_tensor((*args, *kwargs.values()))
+        outputs = (output, sim_loss, {names[i]: losses[i] for i in ran}) if self._simfx_per_block else (output, sim_loss)
+        return _loss_into_output(model, outputs) if self._simfx_loss_in_output else outputs
 
     def _simfx_check_traced_modules(self) -> None:
         for name, module in self._simfx_traced:
@@ -202,22 +309,6 @@ class SimGraphModule(fx.GraphModule):
                     f"call sim.train() before training."
                 )
 
-    def _simfx_check_sizes(self, inputs: tuple) -> None:
-        for name, value, sizes in zip(self._simfx_call.names, inputs, self._simfx_fixed_sizes):
-            if sizes is None or not isinstance(value, torch.Tensor):
-                continue
-            shape = tuple(value.shape)
-            if len(shape) == len(sizes) and all(s is None or s == n for s, n in zip(sizes, shape)):
-                continue
-            wanted = "x".join("B" if s is None else str(s) for s in sizes)
-            raise InputShapeError(
-                f"input '{name}' has shape {'x'.join(map(str, shape))}, but the training graph was captured by "
-                f"torch.export for {wanted} (B: any batch size): export fixes every other axis to the example's. "
-                f"Transform with an example of the shape you train with (pad to a fixed length, e.g. "
-                f"padding='max_length'), or one module per shape; frontend='fx' keeps sizes free where fx can "
-                f"trace the model."
-            )
-
     # --- copying and pickling -----------------------------------------------------
     # fx's own pickling and deepcopy rebuild a plain GraphModule from the code alone;
     # keep the class, the model and the full module tree instead.
@@ -237,6 +328,9 @@ class SimGraphModule(fx.GraphModule):
         self.__dict__.update(state)
         type(self).__name__ = _base_class(type(self)).__name__  # fx names the class in __init__
         self.graph = graph  # the setter recompiles the forward
+        taps = self.__dict__.get("_simfx_taps")
+        if taps:
+            remove_taps_when_collected(self, self.__dict__[_MODEL], taps)
 
     def __deepcopy__(self, memo):
         new = _rebuild(_base_class(type(self)))
@@ -246,7 +340,7 @@ class SimGraphModule(fx.GraphModule):
 
     def __copy__(self):
         new = _rebuild(_base_class(type(self)))
-        new.__setstate__(self.__getstate__())
+        new.__setstate__(self.__getstate__())  # shares the model and its taps with this module
         return new
 
     @property
@@ -285,7 +379,7 @@ def _loss_into_output(model: nn.Module, outputs: tuple):
 
 
 def _zero_like_first_tensor(inputs: tuple) -> torch.Tensor:
-    for value in inputs:
+    for value in pytree.tree_leaves(inputs):
         if isinstance(value, torch.Tensor):
             return value.new_zeros((), dtype=torch.float32)
     return torch.zeros((), dtype=torch.float32)
