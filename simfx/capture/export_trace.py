@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
+import os
 import re
 import warnings
 from typing import Any, Iterator
@@ -131,18 +132,24 @@ def _export_function():
 
 
 def _export(root: nn.Module, args: tuple, model: nn.Module):
-    """The exported program, with the call signature of every submodule kept."""
+    """The exported program, with the call signature of every submodule kept that export can keep."""
     export = _export_function()
-    preserved = tuple(name for name, _ in model.named_modules() if name)
+    preserved = [name for name, _ in model.named_modules() if name]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # export_for_training's deprecation notice
-            try:
-                return export(root, args, strict=False, preserve_module_call_signature=preserved)
-            except Exception:  # noqa: BLE001 - a signature export cannot keep: capture without them
-                if not preserved:
-                    raise
-                return export(root, args, strict=False)
+            while True:
+                try:
+                    return export(root, args, strict=False, preserve_module_call_signature=tuple(preserved))
+                except Exception as error:  # noqa: BLE001 - a signature export cannot keep: leave that class out
+                    failing = _unpreservable_module(error)
+                    if failing is None or failing not in preserved:
+                        if not preserved:
+                            raise
+                        preserved = []  # capture without signatures: nothing is readable at a module call
+                        continue
+                    cls = type(model.get_submodule(failing))
+                    preserved = [name for name in preserved if type(model.get_submodule(name)) is not cls]
     except Exception as error:  # torch.export raises many types; all mean "cannot capture"
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise TraceError(
@@ -150,6 +157,19 @@ def _export(root: nn.Module, args: tuple, model: nn.Module):
             f"{frame_location(user_frame(error))}: {type(error).__name__}: {first}\nFix: {_export_fix(error)}",
             "", type(model), first,
         ) from error
+
+
+def _unpreservable_module(error: BaseException) -> str | None:
+    """The module whose call signature export could not keep (its arguments or result are not tensors,
+    scalars or containers of them), read from export's own hook in the traceback; None if it is not that."""
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        path = frame.f_locals.get("path")
+        if frame.f_code.co_filename.endswith(f"_export{os.sep}wrappers.py") and isinstance(path, str):
+            return path.removeprefix("_export_root.")  # export's own wrapper of the root module
+        tb = tb.tb_next
+    return None
 
 
 def _module_calls(program, graph: fx.Graph, model: nn.Module, no_grad: frozenset[str]) -> dict:

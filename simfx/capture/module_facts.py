@@ -59,21 +59,31 @@ def preserved_module_state(model: nn.Module) -> Iterator[None]:
 
     Tracers (fx proxies, export's and the shape pass's fake tensors) run forwards
     that may cache values on modules (Ultralytics' Detect keeps its anchors) or
-    flip ``training``; those values must not outlive the trace. Parameter and
-    buffer *contents* are not touched by tracing and are not copied.
+    flip ``training``; those values must not outlive the trace. Hook registries
+    are restored by content, since a forward may register hooks on its first call
+    and mark that it did (Hugging Face's output-capturing hooks): both the hooks
+    and the mark go. Parameter and buffer *contents* are not touched by tracing
+    and are not copied.
     """
     saved = [
-        (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()
+        (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules), _hook_registries(m))
+        for m in model.modules()
     ]
     try:
         yield
     finally:
-        for m, attributes, parameters, buffers, modules in saved:
+        for m, attributes, parameters, buffers, modules, registries in saved:
             m.__dict__.clear()
             m.__dict__.update(attributes)
-            for container, contents in ((m._parameters, parameters), (m._buffers, buffers), (m._modules, modules)):
+            for container, contents in ((m._parameters, parameters), (m._buffers, buffers), (m._modules, modules),
+                                        *registries):
                 container.clear()
                 container.update(contents)
+
+
+def _hook_registries(module: nn.Module) -> list[tuple[dict, dict]]:
+    """(registry, its contents now) for each of a module's hook dictionaries."""
+    return [(value, dict(value)) for name, value in vars(module).items() if "hooks" in name and isinstance(value, dict)]
 
 
 @contextlib.contextmanager

@@ -40,6 +40,9 @@ __all__ = ["check_training_graph"]
 log = logging.getLogger("simfx")
 
 _SEED = 20250918
+# How many units of a dtype's precision (relative to each value and its tensor's scale) two
+# computations of the same maths may differ by: float reassociation at any size, in any dtype.
+_ROUNDING_UNITS = 32
 
 
 def check_training_graph(sim: SimGraphModule, traced: TracedModel, eval_call=None) -> str:
@@ -206,12 +209,19 @@ def _compare(a: Any, b: Any) -> str:
             return ""
     if a.shape != b.shape or a.dtype != b.dtype:
         return f"shape/dtype {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}"
-    try:
-        torch.testing.assert_close(b, a, equal_nan=True)
-    except AssertionError:
-        diff = (a.double() - b.double()).abs().nan_to_num(0.0).max().item() if a.is_floating_point() else None
-        return f"largest difference {diff:.3g}" if diff is not None else "values differ"
-    return ""
+    if not a.is_floating_point():
+        return "" if torch.equal(a, b) else "values differ"
+    eps = torch.finfo(a.dtype).eps
+    a, b = a.double(), b.double()
+    same_nan = torch.isnan(a) == torch.isnan(b)
+    diff = (a - b).abs().nan_to_num(0.0)
+    finite = a.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    # Reassociated sums differ by a few units of the dtype's precision, relative to each element
+    # and to the tensor's own scale (a near-zero gradient entry is a sum of large terms too).
+    limit = _ROUNDING_UNITS * eps * (finite + finite.max())
+    if bool(same_nan.all()) and bool((diff <= limit).all()):
+        return ""
+    return f"largest difference {diff.max().item():.3g}, more than float rounding allows"
 
 
 def _shown(spec) -> str:
