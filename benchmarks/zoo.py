@@ -1,11 +1,12 @@
 """Model-zoo coverage: does `simfx.transform` hold on the models people train?
 
 For each model of a zoo (randomly initialised, at the smallest probed input it
-accepts) the runner does: transform (with simfx's transform-time check of the
-training graph against the model, whose outcome is its own column) -> one eager
-training step (forward, backward, SGD step) -> eval-equality check against the
-original model ->
-optionally ``torch.compile(fullgraph=True)`` of the train graph and one compiled
+accepts) the runner does: transform (with simfx's transform-time check, whose
+outcome is its own column) -> one eager training step (forward, backward, SGD
+step) -> eval-equality check against the original model -> one training step
+and the eval-equality check again at a second shape (batch 3, and the next
+probed resolution, or the library model's second sequence length or
+resolution) -> optionally ``torch.compile(fullgraph=True)`` and one compiled
 step. Each model runs in its own subprocess with a time budget, so a crash or a
 hang costs one row, not the run.
 
@@ -47,7 +48,8 @@ class ModelSpec:
     """How to build one zoo model and which input shapes (without batch) to probe, smallest first.
 
     Library models that take more than an image (token ids, masks, a timestep) give
-    ``built``: a function returning ``(model, example_inputs)`` instead of ``build``.
+    ``built``: a function returning ``(model, example_inputs)`` instead of ``build``,
+    and ``second``: a training batch at their second shape.
     """
 
     name: str
@@ -55,6 +57,7 @@ class ModelSpec:
     build: Callable[[], torch.nn.Module] | None = field(default=None, repr=False)
     shapes: tuple[tuple[int, ...], ...] = tuple((3, s, s) for s in IMAGE_SIZES)
     built: Callable[[], tuple[torch.nn.Module, Any]] | None = field(default=None, repr=False)
+    second: Callable[[], Any] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -74,6 +77,8 @@ class ZooResult:
     added_params_pct: float | None = None
     step_ok: bool = False
     eval_equal: bool = False
+    second_shape: list[int] | None = None
+    second_ok: bool | None = None
     compile_ok: bool | None = None
     seconds: float | None = None
     stage: str = ""
@@ -176,9 +181,9 @@ def _timm() -> list[ModelSpec]:
 
 def _libraries() -> list[ModelSpec]:
     sys.path.insert(0, str(HERE))
-    from library_models import LIBRARY_MODELS
+    from library_models import LIBRARY
 
-    return [ModelSpec(name, "libraries", built=built) for name, built in LIBRARY_MODELS.items()]
+    return [ModelSpec(name, "libraries", built=entry.example, second=entry.second) for name, entry in LIBRARY.items()]
 
 
 ZOOS: dict[str, Callable[[], list[ModelSpec]]] = {
@@ -337,11 +342,24 @@ def check_model(spec: ModelSpec, compile_backend: str | None = None, batch: int 
         with torch.no_grad():
             expected = _call(model, x)
             got, zero = _call(sim, x)
-        pairs = list(zip(_tensors(expected), _tensors(got)))
-        result.eval_equal = outputs_identical(expected, got) and float(zero) == 0.0
-        if not result.eval_equal:
-            diff = max((float((a.float() - b.float()).abs().max()) for a, b in pairs if a.shape == b.shape), default=-1)
-            raise RuntimeError(f"eval output differs from the original model (max abs diff {diff:.3g})")
+        result.eval_equal = _evaluates_equal(expected, got, zero)
+
+        stage = "second shape"
+        result.second_ok = False
+        x = spec.second() if spec.second is not None else _second_image(model, spec.shapes, example)
+        result.second_shape = list(_tensors(x)[0].shape)
+        sim.train()
+        out, sim_loss = _call(sim, x)
+        if not torch.isfinite(sim_loss) or not sim_loss > 0:
+            raise RuntimeError(f"sim_loss is {sim_loss.item()}")
+        (_task_loss(out) + sim_loss).backward()
+        optimizer.step()
+        model.eval()
+        sim.eval()
+        with torch.no_grad():
+            expected = _call(model, x)
+            got, zero = _call(sim, x)
+        result.second_ok = _evaluates_equal(expected, got, zero)
 
         if compile_backend:
             stage = "compile"
@@ -359,6 +377,25 @@ def check_model(spec: ModelSpec, compile_backend: str | None = None, batch: int 
         result.stage, result.error = stage, _first_line(error)
     result.seconds = round(time.perf_counter() - started, 2)
     return result
+
+
+def _evaluates_equal(expected: Any, got: Any, zero: torch.Tensor) -> bool:
+    """The transformed module's eval output is the model's, bit for bit, with a zero loss; else an error."""
+    if outputs_identical(expected, got) and float(zero) == 0.0:
+        return True
+    pairs = list(zip(_tensors(expected), _tensors(got)))
+    diff = max((float((a.float() - b.float()).abs().max()) for a, b in pairs if a.shape == b.shape), default=-1)
+    raise RuntimeError(f"eval output differs from the original model (max abs diff {diff:.3g})")
+
+
+def _second_image(model: torch.nn.Module, shapes, example: torch.Tensor) -> torch.Tensor:
+    """A batch of 3 at the next probed shape the model accepts after the example's (else at the example's)."""
+    now = tuple(example.shape[1:])
+    later = tuple(s for s in shapes if s > now) if now in shapes else ()
+    try:
+        return torch.randn(*smallest_input(model, later, batch=3)) if later else torch.randn(3, *now)
+    except RuntimeError:  # no later shape works: the model fixes its size
+        return torch.randn(3, *now)
 
 
 # --- the runner ---------------------------------------------------------------------
@@ -392,7 +429,7 @@ def _check_mark(check: str | None) -> str:
 
 def to_markdown(results: list[ZooResult], compile_backend: str | None) -> str:
     header = ["model", "input", "plain fx", "traced", "frontend", "auto blocks", "as calls", "opaque", "check",
-              "added params %", "step", "eval bit-equal"]
+              "added params %", "step", "eval bit-equal", "second shape", "trains and evals there"]
     if compile_backend:
         header.append(f"compile ({compile_backend})")
     header += ["s", "first error"]
@@ -402,6 +439,7 @@ def to_markdown(results: list[ZooResult], compile_backend: str | None) -> str:
             r.model, "x".join(map(str, r.input_shape or [])) or "-", _mark(r.plain_fx), _mark(r.traced),
             _mark(r.frontend), _mark(r.boundaries), _mark(r.calls), _mark(r.opaque), _check_mark(r.check),
             _mark(r.added_params_pct), _mark(r.step_ok), _mark(r.eval_equal),
+            "x".join(map(str, r.second_shape or [])) or "-", _mark(r.second_ok),
         ]
         if compile_backend:
             row.append(_mark(r.compile_ok))
@@ -416,6 +454,8 @@ def summary(results: list[ZooResult], compile_backend: str | None) -> str:
     text = f"{full}/{n} models transform, train a step and evaluate bit-equal ({100.0 * full / max(n, 1):.1f}%)"
     checked = sum(r.check == "passed" for r in results)
     text += f"; the transform-time check passed on {checked}/{n}"
+    second = sum(bool(r.second_ok) for r in results)
+    text += f"; {second}/{n} also train and evaluate bit-equal at a second batch size and shape"
     plain = [r for r in results if r.plain_fx]
     plain_full = sum(r.traced and r.step_ok and r.eval_equal for r in plain)
     if plain:  # the library models all need simfx's own capture: no such clause for them

@@ -1,4 +1,5 @@
-"""Models written the way their repositories write them, tiny: DiT, a Llama-style decoder, GCN, RNNs, PointNet.
+"""Models written the way their repositories write them, tiny: DiT, a Llama-style decoder, GCN, RNNs, PointNet,
+nanoGPT and minGPT.
 
 Blocks here take side inputs (DiT's conditioning, a decoder layer's mask and
 rotary embeddings, a graph's adjacency) or return side outputs (an RNN's state),
@@ -182,3 +183,127 @@ class PointNet(nn.Module):
         x = F.relu(self.bn2(self.conv2(x)))
         x = self.bn3(self.conv3(x)).max(dim=2)[0]
         return self.fc2(F.relu(self.fc1(x)))
+
+
+# --- GPTs as Karpathy's repositories write them ------------------------------------------------------------------
+
+
+class NanoAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention: one qkv projection, a causal mask buffer sliced to the length."""
+
+    def __init__(self, dim: int, heads: int, block_size: int):
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.attn_dropout, self.resid_dropout = nn.Dropout(0.1), nn.Dropout(0.1)
+        self.n_head, self.n_embd = heads, dim
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / (k.size(-1) ** 0.5))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = self.attn_dropout(F.softmax(att, dim=-1))
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class NanoMLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.c_fc, self.gelu, self.c_proj = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, block_size: int):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(dim), NanoAttention(dim, heads, block_size)
+        self.ln_2, self.mlp = nn.LayerNorm(dim), NanoMLP(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's GPT: ``forward(idx, targets=None) -> (logits, loss)``, an assert on the length, tied weights."""
+
+    def __init__(self, vocab: int = 64, block_size: int = 32, layers: int = 2, heads: int = 2, dim: int = 32):
+        super().__init__()
+        self.block_size = block_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab, dim), wpe=nn.Embedding(block_size, dim), drop=nn.Dropout(0.1),
+            h=nn.ModuleList([NanoBlock(dim, heads, block_size) for _ in range(layers)]), ln_f=nn.LayerNorm(dim),
+        ))
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+
+    def forward(self, idx, targets=None):
+        b, t = idx.size()
+        assert t <= self.block_size, f"Cannot forward sequence of length {t}, block size is only {self.block_size}"
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # inference: only the last position
+            loss = None
+        return logits, loss
+
+
+class MinBlock(nn.Module):
+    """minGPT's Block: the MLP kept in a ModuleDict and applied through a lambda stored on the block."""
+
+    def __init__(self, dim: int, heads: int, block_size: int):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(dim), NanoAttention(dim, heads, block_size)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = nn.ModuleDict(dict(
+            c_fc=nn.Linear(dim, 4 * dim), c_proj=nn.Linear(4 * dim, dim), act=nn.GELU(), dropout=nn.Dropout(0.1),
+        ))
+        m = self.mlp
+        self.mlpf = lambda x: m.dropout(m.c_proj(m.act(m.c_fc(x))))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlpf(self.ln_2(x))
+        return x
+
+
+class MinGPT(nn.Module):
+    """minGPT's GPT: ``forward(idx, targets=None) -> (logits, loss)`` with logits at every position."""
+
+    def __init__(self, vocab: int = 64, block_size: int = 32, layers: int = 2, heads: int = 2, dim: int = 32):
+        super().__init__()
+        self.block_size = block_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab, dim), wpe=nn.Embedding(block_size, dim), drop=nn.Dropout(0.1),
+            h=nn.ModuleList([MinBlock(dim, heads, block_size) for _ in range(layers)]), ln_f=nn.LayerNorm(dim),
+        ))
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx, targets=None):
+        device = idx.device
+        b, t = idx.size()
+        assert t <= self.block_size, f"Cannot forward sequence of length {t}, block size is only {self.block_size}"
+        pos = torch.arange(0, t, dtype=torch.long, device=device).unsqueeze(0)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
+import logging
 import operator
 import os
 import re
@@ -48,7 +50,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
-from .inputs import TRAINING_RANDOMNESS, CallTemplate, ExampleInputs, bound_forward_class
+from .inputs import CallTemplate, ExampleInputs, bound_forward_class, training_randomness_off
 from .recorders import frame_location, user_frame
 from ..fx_utils import fetch_attr
 from .module_facts import hooks_suppressed, preserved_module_state, seeded
@@ -82,15 +84,19 @@ def export_model(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
         root.__class__ = bound
     args = inputs.tensors if bound is not None else tuple(inputs.args)
     # export warns about tensors a forward caches on modules; preserved_module_state undoes them.
-    with preserved_module_state(model), hooks_suppressed(model), _training_randomness_off(model), \
-            seeded(_SEED), warnings.catch_warnings():
+    with preserved_module_state(model), hooks_suppressed(model), training_randomness_off(model), \
+            seeded(_SEED), _torch_logs_off(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+        # A tensor attribute requiring gradients that is no parameter (weight_norm's weight) is a
+        # constant of the graph: it only describes the computation; training runs the model itself.
+        warnings.filterwarnings("ignore", message="A model attribute .* requires gradient")
         root.train(True)
         with torch.enable_grad():  # grad-mode switches in the graph are relative to this
             program = _export(root, args, model)
+        unlifted = program.module()
     root.training = model.training
     constants: list[str] = []
-    graph, container = _rooted_graph(program.module(), root, model, "train", constants)
+    graph, container = _rooted_graph(unlifted, root, model, "train", constants)
     placeholders = tuple(n.name for n in graph.nodes if n.op == "placeholder")
     no_grad = _grad_modes_of_the_caller(graph)
     return TracedModel(
@@ -110,20 +116,26 @@ def export_model(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
 
 
 @contextlib.contextmanager
-def _training_randomness_off(model: nn.Module) -> Iterator[None]:
-    """The config options of :data:`TRAINING_RANDOMNESS` at 0.0 inside: the capture sees every layer."""
-    config = getattr(model, "config", None)
-    saved = {
-        name: value for name in TRAINING_RANDOMNESS
-        if isinstance(value := getattr(config, name, None), float) and value > 0
-    }
-    for name in saved:
-        setattr(config, name, 0.0)
+def _torch_logs_off() -> Iterator[None]:
+    """torch's loggers and its writes to stderr silent inside: a capture that fails is reported by simfx's
+    own error, once.
+
+    (torch logs its fake-tensor and symbolic-shape failures at WARNING and ERROR, and
+    export prints the partial graph of a failed capture, often dozens of lines, before raising.)
+    """
+    loggers = [
+        logger for name, logger in logging.root.manager.loggerDict.items()
+        if (name == "torch" or name.startswith("torch.")) and isinstance(logger, logging.Logger)
+    ]
+    saved = [(logger, logger.disabled) for logger in loggers]
+    for logger in loggers:
+        logger.disabled = True
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
-        for name, value in saved.items():
-            setattr(config, name, value)
+        for logger, disabled in saved:
+            logger.disabled = disabled
 
 
 def _export_function():

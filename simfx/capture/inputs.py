@@ -10,9 +10,10 @@ transform-time check) with exactly the arguments the user's code would pass.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from ..errors import ExampleInputsError
 
 __all__ = [
     "ExampleInputs", "CallTemplate", "example_inputs", "bound_forward_class", "training_inputs", "randomness_note",
+    "training_randomness_off",
 ]
 
 
@@ -290,6 +292,27 @@ TRAINING_RANDOMNESS: Mapping[str, str] = {
 }
 
 
+@contextlib.contextmanager
+def training_randomness_off(model: nn.Module) -> Iterator[None]:
+    """The config options of :data:`TRAINING_RANDOMNESS` at 0.0 inside (simfx's own runs see every layer)."""
+    config = getattr(model, "config", None)
+    saved = {name: value for name, value in _randomness_switched_on(config).items() if isinstance(value, float)}
+    for name in saved:
+        setattr(config, name, 0.0)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
+
+
+def _randomness_switched_on(config: Any) -> dict[str, float]:
+    return {
+        name: value for name in TRAINING_RANDOMNESS
+        if isinstance(value := getattr(config, name, None), (int, float)) and not isinstance(value, bool) and value > 0
+    }
+
+
 def randomness_note(model: nn.Module) -> str:
     """A note naming the config options of ``model`` that switch on :data:`TRAINING_RANDOMNESS`, or "".
 
@@ -300,11 +323,7 @@ def randomness_note(model: nn.Module) -> str:
     >>> "layerdrop=0.1 (LayerDrop)" in note, "mask_time_prob" in note
     (True, False)
     """
-    config = getattr(model, "config", None)
-    found = {
-        name: value for name in TRAINING_RANDOMNESS
-        if isinstance(value := getattr(config, name, None), (int, float)) and not isinstance(value, bool) and value > 0
-    }
+    found = _randomness_switched_on(getattr(model, "config", None))
     if not found:
         return ""
     shown = ", ".join(f"{name}={value!r} ({TRAINING_RANDOMNESS[name]})" for name, value in found.items())
@@ -312,6 +331,6 @@ def randomness_note(model: nn.Module) -> str:
     return (
         f"Note: {type(model).__name__}'s config switches on randomness its forward draws in Python in training: "
         f"{shown}. No trace keeps that, so fx runs the modules drawing it as one call (their layers cannot take "
-        f"SIM) and torch.export refuses it. Setting them to 0.0 before transforming "
-        f"(model.config.{first} = 0.0) lets simfx trace into those modules; it changes your training recipe."
+        f"SIM); frontend='export' lets the model draw it itself. Setting them to 0.0 before transforming "
+        f"(model.config.{first} = 0.0) lets fx trace into those modules; it changes your training recipe."
     )

@@ -33,6 +33,7 @@ from ..errors import FaithfulnessError
 from ..runtime.module import NAMESPACE, SimGraphModule
 from .rewrite import plain_graph
 from ..capture.module_facts import hooks_suppressed, preserved_module_state, seeded
+from ..capture.inputs import training_randomness_off
 from ..capture.record import TracedModel
 
 __all__ = ["check_training_graph"]
@@ -86,7 +87,8 @@ def _check_taps(sim: SimGraphModule, traced: TracedModel, call) -> str:
     args, kwargs = call.model_call(tuple(traced.inputs))
     heads = [(name, p) for name, p in sim.get_submodule(NAMESPACE).named_parameters()]
     devices = sorted({p.device.index or 0 for _, p in heads if p.device.type == "cuda"})
-    with _restored(model), seeded(_SEED, devices), torch.enable_grad():
+    # LayerDrop would skip blocks at random: the check reads every block the capture saw.
+    with _restored(model), seeded(_SEED, devices), training_randomness_off(model), torch.enable_grad():
         model.train(True)
         try:
             _, losses = sim._simfx_block_losses(args, kwargs)

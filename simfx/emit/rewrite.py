@@ -132,7 +132,10 @@ def rewrite(
         per_block=per_block,
         loss_in_output=loss_in_output,
         frontend=traced.frontend,
-        calls=tuple(sorted(frame.key for frame in collapsed)),
+        calls=tuple(sorted(
+            (name for name, t in block_taps.items() if _at_its_own_call(name, t)) if runs_model
+            else (frame.key for frame in collapsed)
+        )),
         traced=tuple(sorted(traced_frames)),
         nodes=block_nodes,
         inserted=frozenset(facts.inserted),
@@ -143,6 +146,11 @@ def rewrite(
         taps={name: (t.x.describe(), t.y.describe()) for name, t in block_taps.items()},
     )
     return sim
+
+
+def _at_its_own_call(name: str, taps: BlockTaps) -> bool:
+    """The block is read at the call of its own module (its argument and its result)."""
+    return all((f"{t.module}@{t.call}" if t.call else t.module) == name for t in (taps.x, taps.y))
 
 
 def _taps_of(traced: TracedModel, block: PlannedBlock) -> BlockTaps:
