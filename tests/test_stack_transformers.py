@@ -176,11 +176,70 @@ def test_with_num_items_in_the_example_gradient_accumulation_trains_exactly_as_t
     assert losses == [h["loss"] for h in expected.state.log_history if "loss" in h]
 
 
-def test_gradient_accumulation_without_num_items_in_the_example_is_refused(tmp_path):
+def test_a_model_that_trains_itself_takes_num_items_in_batch_as_the_model_does(tmp_path):
+    """Gradient accumulation: the Trainer passes num_items_in_batch to the model, through the transformed module."""
     model, train = tiny_bert(), dataset()
-    sim = simfx.transform(model, transformers.default_data_collator(train[:2]), loss_in_output=True)
-    assert not sim.accepts_loss_kwargs
-    trainer = transformers.Trainer(model=sim, args=arguments(tmp_path, gradient_accumulation_steps=2),
-                                   train_dataset=train, callbacks=[SimLossCallback()])
-    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=2: .*num_items_in_batch.*'num_items_in_batch'"):
-        trainer.train()
+    plain = copy.deepcopy(model)
+    sim = simfx.transform(model, transformers.default_data_collator(train[:2]), loss_in_output=True, beta=0.0)
+    assert sim.simfx_info.runtime == "model" and sim.accepts_loss_kwargs
+    accumulate = dict(gradient_accumulation_steps=2)
+    transformers.Trainer(model=plain, args=arguments(tmp_path / "plain", **accumulate), train_dataset=train).train()
+    transformers.Trainer(model=sim, args=arguments(tmp_path / "sim", **accumulate), train_dataset=train,
+                         callbacks=[SimLossCallback()]).train()
+    trained = simfx.strip(sim).state_dict()
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=0, msg=name)
+
+
+# --- dynamic padding and gradient checkpointing, as people fine-tune -------------------------------------------
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 4)]
+
+
+def word_tokenizer():
+    """A word-level tokenizer built in memory (no download), with the special tokens collators need."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
+                                                cls_token="[CLS]", sep_token="[SEP]")
+
+
+def texts(n: int = 24) -> list[dict]:
+    """Sentences of 5 to 30 words: each batch is padded to its own longest one."""
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(5, 31, (n,), generator=g)
+    return [{"text": " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (int(k),), generator=g)),
+             "label": i % LABELS} for i, k in enumerate(lengths)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["classifier", "causal_lm"])
+def test_trainer_with_dynamic_padding_and_gradient_checkpointing_trains_with_sim_in_the_logs(tmp_path, task):
+    tokenizer = word_tokenizer()
+    rows = [dict(tokenizer(row["text"]), **({"labels": row["label"]} if task == "classifier" else {}))
+            for row in texts()]
+    if task == "classifier":
+        model = tiny_bert()
+        collator = transformers.DataCollatorWithPadding(tokenizer)
+    else:
+        config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                          pad_token_id=0)
+        model = transformers.LlamaForCausalLM(config)
+        collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)  # pads, and labels the rest
+    example = collator(rows[:2])
+    sim = simfx.transform(model, dict(example), loss_in_output=True)
+    seen = set()
+    sim.register_forward_pre_hook(lambda module, args, kwargs: seen.add(tuple(kwargs["input_ids"].shape)),
+                                  with_kwargs=True)
+    args = arguments(tmp_path, max_steps=4, gradient_checkpointing=True, remove_unused_columns=True)
+    trainer = transformers.Trainer(model=sim, args=args, train_dataset=rows, data_collator=collator,
+                                   callbacks=[SimLossCallback()])
+    trainer.train()
+    assert model.is_gradient_checkpointing  # the Trainer switched it on through the transformed module
+    assert len({length for _, length in seen}) > 1  # batches of several lengths, each padded to its own longest
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 4 and all(entry["sim_loss"] > 0 for entry in logs)

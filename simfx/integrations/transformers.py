@@ -20,13 +20,12 @@ to have them record it too. The values are this process's.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import nn
 
 from ..metrics import BlockLossMeter
-from ..runtime.module import SimGraphModule
+from ..runtime.module import SimGraphModule, model_accepts_loss_kwargs
 from . import _lazy_classes
 
 __all__ = ["SimLossCallback", "SIM_LOSS"]
@@ -101,11 +100,7 @@ def _check_loss_scaling(sim: SimGraphModule, args: Any) -> None:
     if getattr(args, "gradient_accumulation_steps", 1) <= 1 or sim.accepts_loss_kwargs:
         return
     model = sim.simfx_model()
-    takes = getattr(model, "accepts_loss_kwargs", None)
-    if takes is None:
-        parameters = inspect.signature(model.forward).parameters.values()
-        takes = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-    if takes:
+    if model_accepts_loss_kwargs(model):
         raise ValueError(
             f"gradient_accumulation_steps={args.gradient_accumulation_steps}: transformers.Trainer passes "
             f"num_items_in_batch to {type(model).__name__}, which scales its loss by it, but the transformed module "

@@ -49,7 +49,7 @@ from ..capture.module_facts import has_hooks
 from . import monitor
 from .taps import TapSpec, install_taps, remove_taps_when_collected, training_step
 
-__all__ = ["SimGraphModule", "NAMESPACE", "MODEL_ATTRIBUTES", "strip", "original_state_dict"]
+__all__ = ["SimGraphModule", "NAMESPACE", "MODEL_ATTRIBUTES", "strip", "original_state_dict", "model_accepts_loss_kwargs"]
 
 _MODEL = "_simfx_model"
 NAMESPACE = "simfx"
@@ -59,7 +59,8 @@ NAMESPACE = "simfx"
 MODEL_ATTRIBUTES = frozenset({
     "config", "generation_config", "main_input_name", "name_or_path",
     "gradient_checkpointing_enable", "gradient_checkpointing_disable", "activation_checkpointing_enable",
-    "activation_checkpointing_disable", "is_gradient_checkpointing", "supports_gradient_checkpointing",
+    "activation_checkpointing_disable", "is_gradient_checkpointing", "is_activation_checkpointing",
+    "supports_gradient_checkpointing",
     "enable_input_require_grads", "disable_input_require_grads", "get_input_embeddings", "get_output_embeddings",
 })
 """Attributes of the user's model the transformed module answers with, for the training stacks that read them
@@ -345,20 +346,32 @@ class SimGraphModule(fx.GraphModule):
 
     @property
     def accepts_loss_kwargs(self) -> bool:
-        """Whether ``transformers.Trainer`` may pass ``num_items_in_batch``: when the example had it.
+        """Whether ``transformers.Trainer`` may pass ``num_items_in_batch``, as it does to the model.
 
         Hugging Face models take it through ``**kwargs`` and divide their summed loss by
-        it (so the Trainer leaves gradient accumulation's scaling to them). The training
-        graph takes exactly the inputs of the example it was captured with, so it takes
-        ``num_items_in_batch`` only when the example held it:
+        it (so the Trainer leaves gradient accumulation's scaling to them). A model that
+        trains itself takes it as the model does. A training graph takes exactly the
+        inputs of the example it was captured with, so it takes ``num_items_in_batch``
+        only when the example held it:
         ``simfx.transform(model, {**batch, "num_items_in_batch": torch.tensor(n)}, loss_in_output=True)``.
         """
+        if self.__dict__.get("_simfx_runtime") == "model":
+            return model_accepts_loss_kwargs(self.__dict__[_MODEL])
         return "num_items_in_batch" in self._simfx_call.names
 
     @property
     def sim_blocks(self):
         """The planned blocks (boundary, options, submodule key), in graph order."""
         return self.simfx_info.plan.blocks
+
+
+def model_accepts_loss_kwargs(model: nn.Module) -> bool:
+    """Whether ``transformers.Trainer`` passes ``num_items_in_batch`` to ``model`` (its flag, else a ``**kwargs``)."""
+    takes = getattr(model, "accepts_loss_kwargs", None)
+    if takes is not None:
+        return bool(takes)
+    parameters = inspect.signature(model.forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _loss_into_output(model: nn.Module, outputs: tuple):
