@@ -40,7 +40,7 @@ __all__ = ["transform", "find_boundaries", "BoundaryRow", "BoundaryTable"]
 
 log = logging.getLogger("simfx")
 
-FRONTENDS = ("auto", "fx", "export")
+FRONTENDS = ("auto", "fx", "export", "calls")
 # Above this share of parameters hidden in modules fx could not trace, auto tries export.
 OPAQUE_LIMIT = 0.25
 
@@ -222,11 +222,14 @@ class _Job:
         built.notes = _flag_notes(self.model, self.flags, built.traced.runtime)
         if built.plan.blocks:
             eval_call = built.traced.call.without(tuple(self.flags))
+            example = ExampleInputs(self.inputs.args, {
+                k: v for k, v in self.inputs.kwargs.items() if k not in self.flags})  # the call as the user makes it
             built.sim = rewrite(
                 built.traced, built.plan, candidates=built.candidates, per_block=self.per_block,
                 loss_in_output=self.loss_in_output, eval_call=eval_call, notes=built.notes,
+                example_shapes=tuple(tuple(t.shape) for t in example.tensors),
             )
-            status = check_training_graph(built.sim, built.traced, eval_call) if self.check else "skipped: check=False"
+            status = check_training_graph(built.sim, built.traced, example) if self.check else "skipped: check=False"
             built.sim.simfx_info = _with_check(built.sim.simfx_info, status)
         return built
 
@@ -267,7 +270,7 @@ def _build_with_fallbacks(model, user_inputs, capture: _Capture, selection: _Sel
 
 
 def _export_after_fx_failed(job: _Job, fx_error: Exception) -> _Built:
-    """``frontend="auto"`` after fx failed: export, or one error saying what both frontends found."""
+    """``frontend="auto"`` after fx failed: export, then the module calls, or one error saying what each found."""
     if isinstance(fx_error, ExampleInputsError) and getattr(fx_error, "partial_shapes", None) is None:
         raise fx_error  # the inputs do not fit the forward's signature: no frontend can help
     if isinstance(fx_error, TraceError) and fx_error.module_name and not job.capture.auto_opaque:
@@ -276,15 +279,27 @@ def _export_after_fx_failed(job: _Job, fx_error: Exception) -> _Built:
         built = job.attempt("export")
     except _CAPTURE_FAILURES as export_error:
         also = f"simfx also tried torch.export (frontend='auto'): {_cause(export_error)}"
+        last = export_error
+        if isinstance(export_error, TraceError):
+            # Python no trace can take in the model's own forward: capture its module calls instead.
+            try:
+                built = job.attempt("calls")
+            except _CAPTURE_FAILURES as calls_error:
+                also += f"\nsimfx also tried capturing its module calls one by one (frontend='calls'): {_cause(calls_error)}"
+                last = calls_error
+            else:
+                log.info("simfx: neither fx nor torch.export captures %s's forward; using its module calls",
+                         type(job.model).__name__)
+                return built
         if isinstance(fx_error, ExampleInputsError):
             # fx may have taken the wrong branch on a proxy (torch.is_tensor(proxy) is False):
             # the graph then fails on inputs the model accepts. Export runs the real code.
             also = also.replace("(frontend='auto')", "(frontend='auto'), in case fx mis-traced the model")
-            raise ExampleInputsError(f"{fx_error}\n{also}") from export_error
+            raise ExampleInputsError(f"{fx_error}\n{also}") from last
         if isinstance(fx_error, TraceError):
             raise TraceError(f"{fx_error}\n{also}", fx_error.module_name, fx_error.module_type,
-                             fx_error.cause) from export_error
-        raise type(fx_error)(f"{fx_error}\n{also}") from export_error
+                             fx_error.cause) from last
+        raise type(fx_error)(f"{fx_error}\n{also}") from last
     if isinstance(fx_error, (NoEligibleBlockError, FaithfulnessError)):
         log.info("simfx: fx gave no usable training graph (%s); using torch.export", _cause(fx_error))
     return built
@@ -319,10 +334,14 @@ def _export_where_fx_sees_little(job: _Job, built: _Built) -> _Built:
 
 
 def _analyse(model, inputs: ExampleInputs, frontend: str, capture: _Capture, selection: _Selection) -> _Built:
-    if frontend == "export":
-        from .capture.export_trace import export_model  # torch.export loads lazily; fx users never pay for it
+    if frontend in ("export", "calls"):
+        # torch.export loads lazily; fx users never pay for it
+        if frontend == "export":
+            from .capture.export_trace import export_model as capture_model
+        else:
+            from .capture.calls import capture_calls as capture_model
 
-        traced = export_model(model, inputs)
+        traced = capture_model(model, inputs)
         shapes = propagate_shapes(traced.graph, traced.root, traced.inputs)
         candidates = find_candidates(traced, shapes)
         return _Built(traced, shapes, candidates, selection.plan(candidates))

@@ -99,6 +99,30 @@ def test_new_batch_size_recompiles_once_then_reuses_a_dynamic_graph():
     assert backend.frame_count == 2
 
 
+def test_a_model_that_trains_itself_compiles_as_the_model_does_at_every_length():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config)
+    sim = simfx.transform(model, {"input_ids": torch.randint(0, 64, (2, 12))})
+    assert sim.simfx_info.runtime == "model"
+
+    def frames(module, lengths) -> int:
+        dynamo.reset()
+        backend = CompileCounter()
+        compiled = torch.compile(module, backend=backend, fullgraph=True)
+        for batch, length in lengths:
+            ids = torch.randint(0, 64, (batch, length))
+            out = compiled(input_ids=ids, labels=ids)
+            loss = out[0].loss + out[1] if isinstance(out, tuple) else out.loss
+            loss.backward()
+        return backend.frame_count
+
+    steps = [(2, 12), (2, 12), (3, 17), (2, 23), (4, 9)]
+    assert frames(sim, steps[:2]) == 1  # one graph, no recompile on the second step at the same shape
+    assert frames(sim, steps) == frames(model, steps)  # new lengths recompile as often as the model itself
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_dynamic_true_compiles_one_graph_for_all_batch_sizes(name):
     factory, shape = MODELS[name]

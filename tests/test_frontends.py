@@ -419,20 +419,58 @@ def test_auto_prefers_export_when_opaque_blocks_hide_most_of_the_model():
 
 
 class DataDependent(nn.Module):
+    """Branches on a tensor's value in its own forward, and calls no submodule: nothing captures it."""
+
     def __init__(self):
         super().__init__()
-        self.a = nn.Linear(4, 4)
+        self.weight = nn.Parameter(torch.randn(4, 4))
 
     def forward(self, x):
-        return self.a(x) if x.sum() > 0 else -self.a(x)
+        return x @ self.weight if x.sum() > 0 else -(x @ self.weight)
 
 
-def test_auto_reports_both_frontends_when_neither_can_capture():
+def test_auto_reports_every_capture_it_tried_when_none_can():
     with pytest.raises(simfx.TraceError) as info:
         simfx.transform(DataDependent(), torch.randn(2, 4))
     message = str(info.value)
     assert "could not trace DataDependent.forward" in message
     assert "simfx also tried torch.export (frontend='auto')" in message
+    assert "simfx also tried capturing its module calls one by one (frontend='calls'): DataDependent's forward " \
+           "calls no submodule" in message
+
+
+class BranchesOnValues(nn.Module):
+    """Python on tensor values around plain module calls, as research code writes it: no trace takes the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 16)
+        self.layers = nn.ModuleList([Residual(16), Residual(16), Residual(16)])
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x, lengths):
+        longest = int(lengths.max().item())  # sizes read from values
+        h = self.embed(x[:, :longest])
+        if not bool((lengths > 0).all()):
+            h = h * 0
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h.mean(dim=1))
+
+
+def test_a_forward_no_trace_takes_gets_sim_on_its_module_calls():
+    model = BranchesOnValues()
+    example = (torch.randn(2, 7, 4), torch.tensor([7, 5]))
+    with pytest.raises(simfx.TraceError):
+        simfx.transform(model, example, frontend="export")
+    sim = simfx.transform(model, example)
+    assert sim.simfx_info.frontend == "calls" and sim.simfx_info.runtime == "model"
+    assert sim.simfx_info.plan.names == ["layers.0", "layers.1", "layers.2"]
+    assert sim.simfx_info.check == "passed"
+    for batch, length in ((3, 9), (1, 4)):
+        inputs = (torch.randn(batch, length, 4), torch.full((batch,), length))
+        train_step(sim, *inputs)
+        assert_eval_exact(sim, model, *inputs)
 
 
 def test_export_train_graph_compiles_to_one_graph():

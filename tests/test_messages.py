@@ -108,6 +108,26 @@ def _hooked(model, *, kind="forward"):
     return model
 
 
+class NoSubmoduleCall(nn.Module):
+    """Branches on a tensor's value and applies its weight itself: no capture takes it, no module call shows a block."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return x @ self.weight if x.sum() > 0 else -(x @ self.weight)
+
+
+class TinyBatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.norm(self.fc(x))
+
+
 class ReentrantCheckpoint(TinyResNet):
     """Checkpoints its blocks the old way once asked to: a reentrant checkpoint runs them with gradients off."""
 
@@ -484,7 +504,7 @@ MESSAGES = {
     'graph_diff expects the module simfx.transform returned got': (lambda: simfx.graph_diff(nn.Linear(2, 2)), TypeError, r"graph_diff expects the module simfx\.transform returned, got Linear"),
     'ReLU has no layer weight weight_std measures': (lambda: simfx.metrics.weight_std(nn.ReLU()), ValueError, r"ReLU has no layer weight.*weight_std measures conv, linear and attention"),
     'torch.export could not capture DataDependent train mode': (lambda: simfx.transform(DataDependent(), torch.randn(2, 4), frontend="export"), simfx.TraceError, r"torch\.export could not capture DataDependent \(train mode\).*Fix: .*torch\.cond"),
-    'frontend=jit is not one of auto fx': (lambda: simfx.transform(TinyResNet(), X, frontend="jit"), ValueError, r"frontend='jit' is not one of \('auto', 'fx', 'export'\)"),
+    'frontend=jit is not one of auto fx': (lambda: simfx.transform(TinyResNet(), X, frontend="jit"), ValueError, r"frontend='jit' is not one of \('auto', 'fx', 'export', 'calls'\)"),
     'DataDependent simfx also tried torch.export frontend=auto': (lambda: simfx.transform(DataDependent(), torch.randn(2, 4)), simfx.TraceError, r"DataDependent.*simfx also tried torch\.export \(frontend='auto'\)"),
     'input-shape takes comma-separated integers like got a': (lambda: model_spec.parse_shape("a,b"), model_spec.SpecError, r"--input-shape takes comma-separated integers like 2,3,224,224; got 'a,b'"),
     'input-shape needs a batch axis': (lambda: model_spec.parse_shape("3"), model_spec.SpecError, r"--input-shape needs a batch axis"),
@@ -560,6 +580,14 @@ MESSAGES = {
         r"MaskedLinear's training graph was traced with the example's call \(1 positional argument\(s\); graph "
         r"inputs: x\), and this call has keyword argument 'mask', which the example did not pass\. Transform with "
         r"an example that passes what training passes"),
+    "module calls captured from a forward that calls no submodule": (
+        lambda: simfx.transform(NoSubmoduleCall(), torch.randn(2, 4), frontend="calls"), simfx.TraceError,
+        r"NoSubmoduleCall's forward calls no submodule on the example inputs, so there is no block for SIM to read "
+        r"at a module call"),
+    "the module calls' probe, on an example the model cannot train on": (
+        lambda: simfx.transform(TinyBatchNormNet(), torch.randn(1, 4), frontend="calls"), simfx.TraceError,
+        r"TinyBatchNormNet raised on the example inputs in training mode \(ValueError: Expected more than 1 value "
+        r"per channel when training.*pass example inputs a training step runs on"),
     "hooks registered after transform on traced code": (
         _hook_after_transform, simfx.FaithfulnessError, r"module 'blocks' has hooks, registered after simfx\.transform.*leaf_modules=\['blocks'\]"),
     "traced module switched mode": (

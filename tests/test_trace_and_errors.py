@@ -95,12 +95,14 @@ class UsesHelper(nn.Module):
 
 def test_root_forward_failure_suggests_autowrap_and_autowrap_works():
     with pytest.raises(simfx.TraceError) as info:
-        simfx.transform(UsesHelper(), torch.randn(2, 4))
+        simfx.transform(UsesHelper(), torch.randn(2, 4), frontend="fx")
     message = str(info.value)
     assert message.startswith("simfx could not trace UsesHelper.forward at test_trace_and_errors.py:")
     assert "Fix: autowrap_functions=[clamp_rows] records each call to clamp_rows()" in message
     sim = simfx.transform(UsesHelper(), torch.randn(2, 4), autowrap_functions=[clamp_rows], blocks=["a"])
     assert any(n.target is clamp_rows for n in sim.graph.nodes)
+    # With defaults, neither fx nor torch.export takes the forward: SIM reads the blocks at their module calls.
+    assert simfx.transform(UsesHelper(), torch.randn(2, 4), blocks=["a"]).simfx_info.frontend == "calls"
 
 
 def test_tracing_does_not_modify_the_model():

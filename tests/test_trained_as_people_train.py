@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import simfx
-from written_models import MinGPT, NanoGPT, RNNModel
+from written_models import Conformer, ExamplesTransformerLM, MinGPT, NanoGPT, RNNModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import library_models  # noqa: E402
@@ -404,3 +404,48 @@ def test_an_optional_keyword_the_example_did_not_pass_is_honoured():
     for inputs in ({"input_ids": ids, "attention_mask": mask}, {"input_ids": ids, "labels": torch.tensor([0, 1, 2])}):
         _train_step(sim, inputs)
         _eval_exact(sim, model, inputs)
+
+
+# --- Python no trace takes, in the model's own forward ---------------------------------------------------------
+
+
+def _esm2():
+    esm = pytest.importorskip("esm")
+    model = esm.model.esm2.ESM2(num_layers=2, embed_dim=32, attention_heads=2, alphabet="ESM-1b", token_dropout=True)
+    return model, lambda batch, length: (torch.randint(4, 24, (batch, length)),)
+
+
+def _swin_unetr():
+    nets = pytest.importorskip("monai.networks.nets")
+    model = nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=2, depths=(1, 1, 1, 1),
+                           num_heads=(1, 1, 2, 2))
+    return model, lambda batch, size: (torch.randn(batch, 1, size, size),)
+
+
+def _transformer_lm():
+    return ExamplesTransformerLM(), lambda batch, length: (torch.randint(0, 50, (length, batch)),)  # (S, N)
+
+
+def _conformer():
+    def inputs(batch, length):
+        lengths = torch.randint(length // 2, length + 1, (batch,))
+        lengths[0] = length
+        return torch.randn(batch, length, 16), lengths
+
+    return Conformer(), inputs
+
+
+@pytest.mark.parametrize("build, sizes, layout", [
+    (_esm2, (16, 21), "NBC"),  # `assert tokens.ndim == 2`, `if not padding_mask.any():`
+    (_transformer_lm, (16, 21), "NBC"),  # `len(src)`, the mask cached on the module
+    (_conformer, (16, 21), "NBC"),  # `int(torch.max(lengths).item())`
+    (_swin_unetr, (64, 96), "NHWC"),  # `np.array(x.shape)`
+], ids=["esm2", "transformer_lm", "conformer", "swin_unetr"])
+def test_python_no_trace_takes_leaves_every_block_a_module_call_with_sim(build, sizes, layout):
+    model, inputs = build()
+    sim = simfx.transform(model, inputs(2, sizes[0]))
+    assert sim.simfx_info.check == "passed" and sim.sim_blocks
+    assert layout in {b.boundary.out_layout for b in sim.sim_blocks}  # sequence-first layers read as such
+    for batch, size in ((3, sizes[1]), (1, sizes[0])):
+        _train_step(sim, inputs(batch, size))
+        _eval_exact(sim, model, inputs(batch, size))

@@ -1,9 +1,11 @@
 """Models written the way their repositories write them, tiny: DiT, a Llama-style decoder, GCN, RNNs, PointNet,
-nanoGPT and minGPT.
+nanoGPT and minGPT, pytorch/examples' Transformer language model, torchaudio's Conformer.
 
 Blocks here take side inputs (DiT's conditioning, a decoder layer's mask and
 rotary embeddings, a graph's adjacency) or return side outputs (an RNN's state),
-and some models have no residual and no container at all.
+some models have no residual and no container at all, and the last two run
+Python in their own forward that no trace takes (``len(src)``, sizes read with
+``.item()``), around sequence-first ``(T, B, C)`` layers.
 """
 
 from __future__ import annotations
@@ -307,3 +309,103 @@ class MinGPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
+
+
+# --- forwards with Python no trace takes, around plain module calls -----------------------------------------------
+
+
+class PositionalEncoding(nn.Module):
+    """pytorch/examples' sinusoidal positional encoding for sequence-first values."""
+
+    def __init__(self, dim: int, dropout: float = 0.1, max_len: int = 512):
+        super().__init__()
+        self.dropout = nn.Dropout(p=dropout)
+        position = torch.arange(max_len, dtype=torch.float).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, dim, 2).float() * (-torch.log(torch.tensor(10000.0)) / dim))
+        pe = torch.zeros(max_len, dim)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * div_term), torch.cos(position * div_term)
+        self.register_buffer("pe", pe.unsqueeze(1))
+
+    def forward(self, x):
+        return self.dropout(x + self.pe[: x.size(0)])
+
+
+class ExamplesTransformerLM(nn.Transformer):
+    """pytorch/examples' word language model (Transformer): sequence-first ``(S, N)`` ids, a causal mask cached
+    on the module and rebuilt from ``len(src)``."""
+
+    def __init__(self, ntoken: int = 50, ninp: int = 16, nhead: int = 2, nhid: int = 32, nlayers: int = 2):
+        super().__init__(d_model=ninp, nhead=nhead, dim_feedforward=nhid, num_encoder_layers=nlayers)
+        self.src_mask = None
+        self.pos_encoder = PositionalEncoding(ninp)
+        self.input_emb = nn.Embedding(ntoken, ninp)
+        self.ninp = ninp
+        self.decoder = nn.Linear(ninp, ntoken)
+
+    def forward(self, src, has_mask=True):
+        if has_mask:
+            if self.src_mask is None or self.src_mask.size(0) != len(src):
+                self.src_mask = torch.log(torch.tril(torch.ones(len(src), len(src)))).to(src.device)
+        else:
+            self.src_mask = None
+        src = self.pos_encoder(self.input_emb(src) * self.ninp ** 0.5)
+        output = self.encoder(src, mask=self.src_mask)
+        return F.log_softmax(self.decoder(output), dim=-1)
+
+
+def lengths_to_padding_mask(lengths: torch.Tensor) -> torch.Tensor:
+    """torchaudio's padding mask: its width read from the lengths' values."""
+    max_length = int(torch.max(lengths).item())
+    return torch.arange(max_length, device=lengths.device).expand(lengths.shape[0], max_length) >= lengths.unsqueeze(1)
+
+
+class ConformerConvModule(nn.Module):
+    def __init__(self, dim: int, kernel: int = 7):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(dim)
+        self.pointwise_in = nn.Conv1d(dim, 2 * dim, 1)
+        self.depthwise = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.norm = nn.BatchNorm1d(dim)
+        self.pointwise_out = nn.Conv1d(dim, dim, 1)
+
+    def forward(self, x):  # (B, T, D)
+        x = F.glu(self.pointwise_in(self.layer_norm(x).transpose(1, 2)), dim=1)
+        return self.pointwise_out(F.silu(self.norm(self.depthwise(x)))).transpose(1, 2)
+
+
+class ConformerLayer(nn.Module):
+    """torchaudio's Conformer layer: half-step feed-forwards around attention and convolution, on (T, B, D)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, ffn: int = 32):
+        super().__init__()
+        self.ffn1 = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ffn), nn.SiLU(), nn.Linear(ffn, dim))
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=0.1)
+        self.conv_module = ConformerConvModule(dim)
+        self.ffn2 = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ffn), nn.SiLU(), nn.Linear(ffn, dim))
+        self.final_layer_norm = nn.LayerNorm(dim)
+
+    def forward(self, input, key_padding_mask):
+        x = 0.5 * self.ffn1(input) + input
+        residual = x
+        x = self.self_attn_layer_norm(x)
+        x, _ = self.self_attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)
+        x = x + residual
+        x = x + self.conv_module(x.transpose(0, 1)).transpose(0, 1)
+        x = 0.5 * self.ffn2(x) + x
+        return self.final_layer_norm(x)
+
+
+class Conformer(nn.Module):
+    """torchaudio's Conformer encoder: ``forward(input (B, T, D), lengths) -> (output, lengths)``."""
+
+    def __init__(self, dim: int = 16, layers: int = 2):
+        super().__init__()
+        self.conformer_layers = nn.ModuleList([ConformerLayer(dim) for _ in range(layers)])
+
+    def forward(self, input, lengths):
+        encoder_padding_mask = lengths_to_padding_mask(lengths)
+        x = input.transpose(0, 1)
+        for layer in self.conformer_layers:
+            x = layer(x, encoder_padding_mask)
+        return x.transpose(0, 1), lengths

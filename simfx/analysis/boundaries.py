@@ -31,7 +31,8 @@ import torch.fx as fx
 from torch import nn
 
 from .layout import (
-    axis_before, default_channel_dim, is_layout_op, layout_name, op_name, token_count, weight_layer_layout,
+    axis_before, batch_axis, declared_batch_axis, default_channel_dim, is_layout_op, layout_name, op_name,
+    token_count, weight_layer_layout,
 )
 from .shapes import GraphShapes, TensorMeta
 from .taps import untappable_reason
@@ -65,6 +66,7 @@ class Boundary:
             SIM reads (None when not a boundary).
         in_meta, out_meta: shapes and dtypes at the example inputs.
         in_channel_dim, out_channel_dim: inferred channel axes of ``x`` and ``y``.
+        in_batch_dim, out_batch_dim: their batch axes: 0, or 1 for a sequence-first value ``(N, B, C)``.
         inputs, outputs: every tensor flowing in and out (:class:`Port`), the primary
             ones among them; the other inputs are context (a mask, a timestep), the
             other outputs side outputs (an RNN's state). Choose another primary with
@@ -89,6 +91,8 @@ class Boundary:
     out_meta: TensorMeta | None
     in_channel_dim: int | None = None
     out_channel_dim: int | None = None
+    in_batch_dim: int = 0
+    out_batch_dim: int = 0
     residual: bool = False
     opaque: bool = False
     produces_output: bool = False
@@ -126,15 +130,15 @@ class Boundary:
 
     @property
     def in_layout(self) -> str:
-        return layout_name(self.in_meta, self.in_channel_dim)
+        return layout_name(self.in_meta, self.in_channel_dim, self.in_batch_dim)
 
     @property
     def out_layout(self) -> str:
-        return layout_name(self.out_meta, self.out_channel_dim)
+        return layout_name(self.out_meta, self.out_channel_dim, self.out_batch_dim)
 
     @property
     def out_tokens(self) -> int | None:
-        return token_count(self.out_meta, self.out_channel_dim)
+        return token_count(self.out_meta, self.out_channel_dim, self.out_batch_dim)
 
 
 # --- graph facts ------------------------------------------------------------
@@ -180,7 +184,8 @@ class _GraphFacts:
         first_tensor = next(
             (self.tensor_meta(p) for p in placeholders if self.tensor_meta(p) is not None), None
         )
-        self.batch = first_tensor.shape[0] if first_tensor and first_tensor.rank else None
+        self.batch = traced.batch if traced.batch is not None else (
+            first_tensor.shape[0] if first_tensor and first_tensor.rank else None)
         self._dom = _DominatorTree(self._activation_graph(placeholders), _SOURCE)
         self._pdom = _DominatorTree(self._activation_graph(placeholders).reverse(copy=False), self.output)
 
@@ -403,6 +408,7 @@ def _module_boundary(frame: ScopeFrame, region: _Region, owns_residual: bool, op
         container_child=_parent_is_container(frame.name, facts),
         module_name=frame.name,
         opaque_reason=opaque[frame.name] if is_opaque else "",
+        declared_batch=declared_batch_axis(module) if module is not None else None,
     )
 
 
@@ -526,7 +532,7 @@ def _leaving_tensors(node: fx.Node, inside: set, facts: _GraphFacts) -> list[fx.
 def _usable(meta: TensorMeta | None, facts: _GraphFacts) -> bool:
     return (
         meta is not None and meta.rank >= 2 and meta.dtype.is_floating_point
-        and (facts.batch is None or meta.shape[0] == facts.batch)
+        and batch_axis(meta, facts.batch) is not None
     )
 
 
@@ -693,7 +699,8 @@ def _parent_is_container(name: str, facts: _GraphFacts) -> bool:
 
 
 def _make_boundary(*, name, kind, module_type, region: _Region, facts: _GraphFacts, residual, opaque,
-                   has_weight, container_child, module_name, opaque_reason: str = "") -> Boundary:
+                   has_weight, container_child, module_name, opaque_reason: str = "",
+                   declared_batch: int | None = None) -> Boundary:
     entry, exit_ = region.entry, region.exit
     in_meta = facts.tensor_meta(entry) if entry is not None else None
     out_meta = facts.tensor_meta(exit_) if exit_ is not None else None
@@ -733,6 +740,8 @@ def _make_boundary(*, name, kind, module_type, region: _Region, facts: _GraphFac
         out_meta=out_meta,
         in_channel_dim=in_cd,
         out_channel_dim=out_cd,
+        in_batch_dim=_batch_dim(in_meta, facts, declared_batch),
+        out_batch_dim=_batch_dim(out_meta, facts, declared_batch),
         residual=residual,
         opaque=opaque,
         produces_output=exit_ is not None and exit_ in facts.output_values,
@@ -746,6 +755,15 @@ def _make_boundary(*, name, kind, module_type, region: _Region, facts: _GraphFac
         inputs=ports_in,
         outputs=ports_out,
     )
+
+
+def _batch_dim(meta: TensorMeta | None, facts: _GraphFacts, declared: int | None) -> int:
+    """The batch axis of a block's value: what its torch.nn layers declare for a sequence, else by the batch size."""
+    if meta is None:
+        return 0
+    if declared is not None and meta.rank == 3:
+        return declared
+    return batch_axis(meta, facts.batch) or 0
 
 
 def _port_channel_dim(region: _Region, node: fx.Node, facts: _GraphFacts) -> int | None:
@@ -781,8 +799,8 @@ def _shape_problem(in_meta: TensorMeta, out_meta: TensorMeta, batch: int | None)
     for side, meta in (("input", in_meta), ("output", out_meta)):
         if meta.rank < 2:
             return f"{side} has shape {meta.shape}; SIM needs a batch axis and a feature axis"
-        if batch is not None and meta.shape[0] != batch:
-            return f"{side} {meta.shape} is not batch-major (batch size {batch} first)"
+        if batch_axis(meta, batch) is None:
+            return f"{side} {meta.shape} keeps no batch axis (batch size {batch} first, or second after a sequence)"
         if not meta.dtype.is_floating_point:
             return f"{side} is {meta.dtype}, not floating point"
     return ""

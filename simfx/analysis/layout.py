@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "Layout", "weight_layer_layout", "module_layout", "op_name", "axis_after", "axis_before", "UNKNOWN",
-    "default_channel_dim", "is_channel_axis", "is_layout_op", "layout_name", "token_count",
+    "declared_batch_axis", "Layout", "weight_layer_layout", "module_layout", "op_name", "axis_after", "axis_before", "UNKNOWN",
+    "batch_axis", "default_channel_dim", "is_channel_axis", "is_layout_op", "layout_name", "token_count",
 ]
 
 
@@ -182,26 +182,60 @@ def default_channel_dim(rank: int) -> int:
     return 2 if rank == 3 else 1
 
 
-def is_channel_axis(axis: int, rank: int) -> bool:
+def is_channel_axis(axis: int, rank: int, batch_dim: int = 0) -> bool:
     """``axis`` (negative counts from the end) names a non-batch axis of a ``rank``-dim tensor."""
-    return -rank <= axis < rank and axis % rank != 0
+    return -rank <= axis < rank and axis % rank != batch_dim
 
 
-def layout_name(meta, channel_dim: int | None) -> str:
-    """``NCHW``, ``BNC``, ``BC``, ... of a tensor (a ``TensorMeta``) with its channels at ``channel_dim``."""
+def batch_axis(meta, batch: int | None) -> int | None:
+    """Where a tensor (a ``TensorMeta``) keeps its batch: axis 0, or axis 1 of a sequence-first value
+    (``(N, B, C)``, as ``nn.Transformer`` without ``batch_first`` and fairseq-style models keep it); else None.
+
+    >>> from types import SimpleNamespace as Meta
+    >>> batch_axis(Meta(shape=(2, 16, 32), rank=3), 2), batch_axis(Meta(shape=(16, 2, 32), rank=3), 2)
+    (0, 1)
+    """
+    if batch is None or (meta.rank and meta.shape[0] == batch):
+        return 0
+    if meta.rank == 3 and meta.shape[1] == batch:
+        return 1
+    return None
+
+
+def declared_batch_axis(module) -> int | None:
+    """The batch axis of a block's ``(N, B, C)``/``(B, N, C)`` values that torch.nn's own layers declare.
+
+    ``nn.MultiheadAttention`` and the ``nn.Transformer*Layer``s take sequence-first
+    values unless built with ``batch_first=True``: a block made of them reads its
+    batch at axis 1 whatever the model's input looks like. None when no such layer says.
+    """
+    declared = {
+        m.batch_first for m in module.modules()
+        if isinstance(m, _SEQUENCE_LAYERS) and isinstance(getattr(m, "batch_first", None), bool)
+    }
+    return (0 if declared.pop() else 1) if len(declared) == 1 else None
+
+
+def layout_name(meta, channel_dim: int | None, batch_dim: int = 0) -> str:
+    """``NCHW``, ``BNC``, ``NBC``, ``BC``, ... of a tensor (a ``TensorMeta``) with its channels at ``channel_dim``."""
     if meta is None or channel_dim is None:
         return "?"
     rank = meta.rank
     if rank == 2:
         return "BC"
+    if batch_dim == 1:
+        return {3: {2: "NBC"}}.get(rank, {}).get(channel_dim, f"rank{rank}/B@1/C@{channel_dim}")
     named = {3: {2: "BNC", 1: "BCN"}, 4: {1: "NCHW", 3: "NHWC"}, 5: {1: "NCDHW", 4: "NDHWC"}}
     return named.get(rank, {}).get(channel_dim, f"rank{rank}/C@{channel_dim}")
 
 
-def token_count(meta, channel_dim: int | None) -> int | None:
+def token_count(meta, channel_dim: int | None, batch_dim: int = 0) -> int | None:
     """Tokens per sample once the value is read as ``(B, N, C)``; a ``(B, C)`` value is B tokens."""
     if meta is None or channel_dim is None:
         return None
     if meta.rank == 2:
         return meta.shape[0]
-    return math.prod(s for i, s in enumerate(meta.shape) if i not in (0, channel_dim))
+    return math.prod(s for i, s in enumerate(meta.shape) if i not in (batch_dim, channel_dim))
+
+
+_SEQUENCE_LAYERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)

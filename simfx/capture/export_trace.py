@@ -56,7 +56,7 @@ from ..fx_utils import fetch_attr
 from .module_facts import hooks_suppressed, preserved_module_state, seeded
 from .record import ModuleCall, ScopeFrame, TracedModel, frames_from_module_stack
 
-__all__ = ["export_model"]
+__all__ = ["export_model", "analysis_root", "exported"]
 
 _PREFIX = "_simfx_export"
 _SEED = 20250918
@@ -75,14 +75,30 @@ class OutputStructure(nn.Module):
 
 def export_model(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
     """Export ``model`` in training mode; one :class:`TracedModel` over the user's modules, with its module calls."""
-    root = copy.copy(model)
-    # The copy gets its own containers: attributes export needs (lifted constants,
-    # the output rebuilder) must not land in the user's model.
-    root._modules, root._buffers = dict(root._modules), dict(root._buffers)
+    root = analysis_root(model)
     bound, template = bound_forward_class(model, inputs)
     if bound is not None:
         root.__class__ = bound
     args = inputs.tensors if bound is not None else tuple(inputs.args)
+    return exported(model, root, args, template, "export")
+
+
+def analysis_root(model: nn.Module) -> nn.Module:
+    """A shallow copy of ``model`` to capture: the user's modules, with containers of its own.
+
+    Attributes export needs (lifted constants, the output rebuilder) must not land in the user's model.
+    """
+    root = copy.copy(model)
+    root._modules, root._buffers = dict(root._modules), dict(root._buffers)
+    return root
+
+
+def exported(model: nn.Module, root: nn.Module, args: tuple, template: CallTemplate | None,
+             frontend: str, batch: int | None = None) -> TracedModel:
+    """``root`` (over ``model``'s modules) exported on ``args``, as a :class:`TracedModel` of the model runtime.
+
+    ``batch``: the example's batch size, where ``args[0]`` does not start with it.
+    """
     # export warns about tensors a forward caches on modules; preserved_module_state undoes them.
     with preserved_module_state(model), hooks_suppressed(model), training_randomness_off(model), \
             seeded(_SEED), _torch_logs_off(), warnings.catch_warnings():
@@ -109,9 +125,10 @@ def export_model(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
         output_containers=frozenset({container} - {None}),
         constants=tuple(constants),
         inputs=tuple(args),
-        frontend="export",
+        frontend=frontend,
         calls=_module_calls(program, graph, model, no_grad),
         runtime="model",
+        batch=batch,
     )
 
 

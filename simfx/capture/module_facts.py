@@ -8,6 +8,8 @@
   the user's steps, so the user's hooks must not see them.
 * :func:`seeded`: those runs draw from fixed seeds (torch's, Python's and
   NumPy's generators) and leave the user's generators where they were.
+* :func:`model_restored`: all of the above that a run of the real model needs,
+  and its buffers' contents (BatchNorm statistics) back as they were.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import random
 import sys
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 __all__ = [
     "has_hooks", "weight_layers", "hidden_blocks", "preserved_module_state", "hooks_suppressed", "seeded",
+    "model_restored",
 ]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -128,3 +131,23 @@ def seeded(seed: int, cuda_devices: Sequence[int] = ()) -> Iterator[None]:
             random.setstate(state)
             if numpy_random is not None:
                 numpy_random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def model_restored(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """Buffers (BatchNorm statistics), module attributes and train/eval flags come back; no hook fires.
+
+    Yields a function that resets the buffers, for a second run from the same state.
+    """
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+
+    def reset() -> None:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+
+    with preserved_module_state(model), hooks_suppressed(model):
+        try:
+            yield reset
+        finally:
+            reset()

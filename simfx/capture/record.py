@@ -87,6 +87,9 @@ class TracedModel:
     and ``output_containers`` (nodes that only rebuild the output's dict or
     ``ModelOutput``).
 
+    ``batch`` is the example's batch size where the graph's first input does not
+    show it (None: that input's first axis).
+
     ``runtime`` says what trains: ``"graph"`` (this graph, with the chosen blocks
     put back as calls of their modules: fx) or ``"model"`` (the model's own
     forward, with SIM reading the chosen blocks at their module calls; the graph
@@ -117,6 +120,7 @@ class TracedModel:
     findings: tuple[Finding, ...] = ()
     automatic: tuple[str, ...] = ()
     runtime: str = "graph"
+    batch: int | None = None
 
     def scope(self, node: fx.Node | str) -> tuple[ScopeFrame, ...]:
         """The module calls ``node`` was recorded inside (outermost first)."""

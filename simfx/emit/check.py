@@ -19,10 +19,9 @@ models skip it automatically).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -32,8 +31,8 @@ from torch.utils import _pytree as pytree
 from ..errors import FaithfulnessError
 from ..runtime.module import NAMESPACE, SimGraphModule
 from .rewrite import plain_graph
-from ..capture.module_facts import hooks_suppressed, preserved_module_state, seeded
-from ..capture.inputs import training_randomness_off
+from ..capture.module_facts import model_restored, seeded
+from ..capture.inputs import ExampleInputs, training_randomness_off
 from ..capture.record import TracedModel
 
 __all__ = ["check_training_graph"]
@@ -46,21 +45,25 @@ _SEED = 20250918
 _ROUNDING_UNITS = 32
 
 
-def check_training_graph(sim: SimGraphModule, traced: TracedModel, eval_call=None) -> str:
+def check_training_graph(sim: SimGraphModule, traced: TracedModel, example: ExampleInputs | None = None) -> str:
     """``"passed"``, or why the check was skipped; a :class:`~simfx.FaithfulnessError` on a difference.
 
-    ``eval_call`` is the model's call as the user makes it (the model runtime's steps).
+    ``example`` is the model's call as the user makes it, which the model runtime's steps run
+    (default: the call the graph was captured with).
     """
     model = traced.model
     tensors = [*model.parameters(), *model.buffers(), *(t for t in traced.inputs if isinstance(t, torch.Tensor))]
     if any(t.is_meta for t in tensors):
         return "skipped: the model or the example inputs are on the meta device"
     if traced.runtime == "model":
-        return _check_taps(sim, traced, eval_call or traced.call)
+        if example is None:
+            args, kwargs = traced.call.model_call(tuple(traced.inputs))
+            example = ExampleInputs(args, kwargs)
+        return _check_taps(sim, traced, example)
     graph_module = fx.GraphModule(sim, plain_graph(sim))
     args, kwargs = traced.call.model_call(tuple(traced.inputs))
     parameters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    with _restored(model) as reset:
+    with model_restored(model) as reset:
         try:
             expected = _run(lambda: model(*args, **kwargs), parameters, model)
         except Exception as error:  # the model itself cannot train on these inputs: nothing to compare
@@ -81,14 +84,14 @@ def check_training_graph(sim: SimGraphModule, traced: TracedModel, eval_call=Non
     return "passed"
 
 
-def _check_taps(sim: SimGraphModule, traced: TracedModel, call) -> str:
+def _check_taps(sim: SimGraphModule, traced: TracedModel, example: ExampleInputs) -> str:
     """The model runtime: one training step on the example reads every block and trains every reconstructor."""
     model = traced.model
-    args, kwargs = call.model_call(tuple(traced.inputs))
+    args, kwargs = example.args, dict(example.kwargs)
     heads = [(name, p) for name, p in sim.get_submodule(NAMESPACE).named_parameters()]
     devices = sorted({p.device.index or 0 for _, p in heads if p.device.type == "cuda"})
     # LayerDrop would skip blocks at random: the check reads every block the capture saw.
-    with _restored(model), seeded(_SEED, devices), training_randomness_off(model), torch.enable_grad():
+    with model_restored(model), seeded(_SEED, devices), training_randomness_off(model), torch.enable_grad():
         model.train(True)
         try:
             _, losses = sim._simfx_block_losses(args, kwargs)
@@ -152,26 +155,6 @@ def _run(forward: Callable[[], Any], parameters, model: nn.Module):
 
 def _detached(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
-
-
-@contextlib.contextmanager
-def _restored(model: nn.Module) -> Iterator[Callable[[], None]]:
-    """Buffers (BatchNorm statistics), module attributes and train/eval flags come back; no hook fires.
-
-    Yields a function that resets the buffers, for a second run from the same state.
-    """
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-
-    def reset() -> None:
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
-
-    with preserved_module_state(model), hooks_suppressed(model):
-        try:
-            yield reset
-        finally:
-            reset()
 
 
 def _differences(expected, actual, parameters) -> list[str]:

@@ -71,10 +71,12 @@ def rewrite(
     loss_in_output: bool = False,
     eval_call: CallTemplate | None = None,
     notes: tuple[str, ...] = (),
+    example_shapes: tuple[tuple[int, ...], ...] | None = None,
 ) -> SimGraphModule:
     """The training graph for ``plan`` over ``traced``, wrapped in a :class:`SimGraphModule`.
 
-    ``eval_call`` is how eval mode calls the model (default: as the training graph was traced).
+    ``eval_call`` is how eval mode calls the model (default: as the training graph was traced);
+    ``example_shapes`` the shapes of the user's example tensors (default: the graph's inputs').
     """
     if NAMESPACE in traced.root._modules:
         raise ValueError(
@@ -128,7 +130,8 @@ def rewrite(
         plan=plan,
         candidates=tuple(candidates),
         opaque=dict(traced.opaque),
-        example_shapes=tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in traced.inputs),
+        example_shapes=example_shapes if example_shapes is not None else tuple(
+            tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in traced.inputs),
         per_block=per_block,
         loss_in_output=loss_in_output,
         frontend=traced.frontend,
@@ -277,6 +280,8 @@ def _build_head(block: PlannedBlock, device: torch.device | None) -> BoundaryObj
         out_channel_dim=block.out_channel_dim,
         in_width=block.in_width,
         out_width=block.out_width,
+        in_batch_dim=block.boundary.in_batch_dim,
+        out_batch_dim=block.boundary.out_batch_dim,
     )
     meta = block.boundary.out_meta
     dtype = meta.dtype if meta.dtype.is_floating_point else None

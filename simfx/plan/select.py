@@ -212,9 +212,10 @@ def _planned_block(b: Boundary, options: SimOptions, spec: ObjectiveSpec, key: s
         )
     forced = options.channel_dims()
     axes = []
-    for side, meta, inferred, axis in (("input", b.in_meta, b.in_channel_dim, forced[0]),
-                                       ("output", b.out_meta, b.out_channel_dim, forced[1])):
-        if axis is not None and not is_channel_axis(axis, meta.rank):
+    sides = (("input", b.in_meta, b.in_channel_dim, forced[0], b.in_batch_dim),
+             ("output", b.out_meta, b.out_channel_dim, forced[1], b.out_batch_dim))
+    for side, meta, inferred, axis, batch_dim in sides:
+        if axis is not None and not is_channel_axis(axis, meta.rank, batch_dim):
             raise ValueError(
                 f"channel_dim={axis} for the {side} of block '{b.name}' (shape {meta.shape}) "
                 f"must name a non-batch axis in 1..{meta.rank - 1}."

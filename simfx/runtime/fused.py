@@ -383,8 +383,16 @@ def rho_sim_block_loss(objective: nn.Module, x: Tensor, y: Tensor, sampling: dic
 
 
 def _tokens_per_sample(y: Tensor, channel_dim: int) -> int:
-    """N of ``to_tokens(y)`` for a map of rank 3 or more: its positions per sample."""
-    return y.shape[1:].numel() // y.shape[channel_dim]
+    """N of ``to_tokens(y)`` for a map of rank 3 or more: its positions per sample.
+
+    A product of the other sizes, not a division, so that under ``torch.compile`` a
+    symbolic size stays symbolic (dividing by a size guards on its value).
+    """
+    n = 1
+    for axis, size in enumerate(y.shape):
+        if axis not in (0, channel_dim):
+            n = n * size
+    return n
 
 
 # torch >= 2.6 takes tags: "seeded" so the partitioner never recomputes a draw, and a

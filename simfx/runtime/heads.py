@@ -39,11 +39,15 @@ class BoundaryObjective(nn.Module):
         options: SimOptions,
         uses_input: bool = True,
         min_tokens: int = 1,
+        in_batch_dim: int = 0,
+        out_batch_dim: int = 0,
     ):
         super().__init__()
         self.objective = objective
-        self.in_channel_dim = in_channel_dim
-        self.out_channel_dim = out_channel_dim
+        # A sequence-first value (N, B, C) is read batch-first: its channel axis as it is after the move.
+        self.in_batch_dim, self.out_batch_dim = in_batch_dim, out_batch_dim
+        self.in_channel_dim = _after_batch_move(in_channel_dim, in_batch_dim)
+        self.out_channel_dim = _after_batch_move(out_channel_dim, out_batch_dim)
         self.in_channels = in_channels
         self.out_channels = out_channels
         fraction = options.token_fraction
@@ -53,6 +57,10 @@ class BoundaryObjective(nn.Module):
         self.uses_input = uses_input
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.in_batch_dim:
+            x = x.movedim(self.in_batch_dim, 0)
+        if self.out_batch_dim:
+            y = y.movedim(self.out_batch_dim, 0)
         sampling = self.sampling()
         if type(self.objective) is RhoSim and torch.compiler.is_compiling():
             loss = rho_sim_block_loss(self.objective, x, y, sampling)  # None where it does not apply
@@ -90,6 +98,13 @@ class BoundaryObjective(nn.Module):
         )
 
 
+def _after_batch_move(channel_dim: int, batch_dim: int) -> int:
+    """Where the channel axis is once the batch axis moved to the front."""
+    if batch_dim == 0:
+        return channel_dim
+    return channel_dim + 1 if channel_dim < batch_dim else channel_dim
+
+
 def build_objective(
     options: SimOptions,
     *,
@@ -97,6 +112,8 @@ def build_objective(
     out_channel_dim: int,
     in_width: int,
     out_width: int,
+    in_batch_dim: int = 0,
+    out_batch_dim: int = 0,
 ) -> BoundaryObjective:
     """The module for one boundary from its widths and options (channel sampling applied)."""
     spec = get_objective(options.objective)
@@ -118,4 +135,6 @@ def build_objective(
         options=options,
         uses_input=spec.uses_input,
         min_tokens=spec.min_tokens(options),
+        in_batch_dim=in_batch_dim,
+        out_batch_dim=out_batch_dim,
     )

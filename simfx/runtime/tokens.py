@@ -90,9 +90,13 @@ def input_tokens_on_output_grid(x: Tensor, x_channel_dim: int, y: Tensor, y_chan
 
 
 def sample_count(n: int, numerator: int, denominator: int, minimum: int = 2) -> int:
-    """``min(N, max(minimum, floor(N * ratio)))`` with integer maths (SymInt-safe)."""
+    """``min(N, max(minimum, floor(N * ratio)))`` with integer maths.
+
+    SymInt-safe without guards (``torch.sym_min``/``sym_max`` keep a symbolic N symbolic), so a
+    compiled step at a new sequence length or resolution reuses the dynamic graph.
+    """
     k = (n * numerator) // denominator
-    return min(max(k, minimum), n)
+    return torch.sym_min(torch.sym_max(k, minimum), n)
 
 
 def sample_pair(
