@@ -2,32 +2,30 @@
 
 For each model, process CPU time of
 
-* ``torch.export.export(model.train(), args, kwargs, strict=False)`` (plain export);
-* the same with the batch axis of every input tensor symbolic (``Dim.AUTO``), as
-  simfx exports so that the transformed module takes any batch size;
+* ``torch.export.export(model.train(), args, kwargs, strict=False)`` (plain export,
+  static shapes: the axes simfx exports with, since the exported graph is only
+  analysed and the model trains itself at any shape);
 * ``simfx.transform(model, example, frontend="export")``, with and without the
   transform-time check (``check=False``), and its time per stage;
 * ``simfx.transform(model, example)`` (``frontend="auto"``: fx first, export when
-  fx cannot capture the model), what a user gets with defaults.
+  fx cannot capture the model), what a user gets with defaults;
+* with ``--before REV``, the same export-frontend transform by simfx at git
+  revision ``REV``, in a subprocess, interleaved with the runs above.
 
 Medians over ``--repeats`` runs after one warm-up of each (the first export in a
 process pays one-time costs), with a garbage collection before each run so one
 run's garbage is not collected on another's clock. CPU time, not wall time: the
 transform is single-threaded Python, and on a shared machine wall time also
-measures waiting for a core. The flags simfx passes in training
+measures waiting for a core. The flags simfx passes to the capture
 (``use_cache=False``) are passed to the plain export too.
 
-    python benchmarks/export_time.py                 # the table, into benchmarks/results/export_time.{json,md}
-    python benchmarks/export_time.py --models bert-2x32 --repeats 3
-    python benchmarks/export_time.py --quick         # one repeat of the smallest model (a smoke test)
+    python benchmarks/export_time.py                       # the table, into benchmarks/results/export_time.{json,md}
+    python benchmarks/export_time.py --before 09a8c8a      # with simfx at 09a8c8a beside it
+    python benchmarks/export_time.py --models llama-110m --repeats 3
+    python benchmarks/export_time.py --quick               # one repeat of the smallest model (a smoke test)
 
-``--transform-only`` times the plain exports and the export-frontend transform alone
-(no stages, no ``check=False`` or auto column), so the same table can be measured for
-an older simfx put first on the path (what the issue measured, before the export
-frontend captured once):
-
-    git archive ff6c659 simfx | tar -x -C /tmp/simfx-ff6c659
-    PYTHONPATH=/tmp/simfx-ff6c659 python benchmarks/export_time.py --transform-only --stem export_time-ff6c659
+``--transform-only`` times the export-frontend transform alone, for the
+``--before`` subprocess (an older simfx first on the path).
 """
 
 from __future__ import annotations
@@ -74,6 +72,14 @@ def _bert():
     return transformers.BertModel(config), torch.randint(0, 100, (2, 12))
 
 
+def _llama_110m():
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                      num_attention_heads=12, max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(config), {"input_ids": torch.randint(0, 16000, (2, 128))}
+
+
 def _resnet18():
     import torchvision
 
@@ -85,6 +91,7 @@ MODELS: dict[str, Callable[[], tuple[torch.nn.Module, Any]]] = {
     "transformers/mamba": library_models.mamba,
     "transformers/gpt2": library_models.gpt2,
     "transformers/llama": library_models.LIBRARY_MODELS["transformers/llama"],
+    "llama-110m": _llama_110m,
     "ultralytics/yolo11n": library_models.LIBRARY_MODELS["ultralytics/yolo11n"],
     "torchvision/resnet18": _resnet18,
 }
@@ -115,26 +122,6 @@ def _keywords(model, example) -> Any:
     return {**dict(zip(parameters, args)), **kwargs}
 
 
-def _batch_dynamic(model, args: tuple, kwargs: dict) -> dict:
-    """``dynamic_shapes`` by forward parameter: axis 0 of every input tensor is ``Dim.AUTO``."""
-    auto = torch.export.Dim.AUTO
-
-    def spec(value):
-        return {0: auto} if isinstance(value, torch.Tensor) and value.dim() > 0 else None
-
-    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-    shapes = {}
-    for name, value in bound.items():
-        kind = inspect.signature(model.forward).parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            shapes[name] = {k: spec(v) for k, v in value.items()}
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            shapes[name] = tuple(spec(v) for v in value)
-        else:
-            shapes[name] = spec(value)
-    return shapes
-
-
 def _cpu_seconds(function: Callable[[], Any]) -> float:
     gc.collect()
     start = time.process_time()
@@ -142,11 +129,10 @@ def _cpu_seconds(function: Callable[[], Any]) -> float:
     return time.process_time() - start
 
 
-def plain_export_seconds(model, example, dynamic_batch: bool = False) -> float:
-    """One plain export in training mode; with ``dynamic_batch``, the batch axis symbolic as simfx exports it."""
+def plain_export_seconds(model, example) -> float:
+    """One plain export in training mode, static shapes."""
     args, kwargs = _call(model, example)
-    shapes = _batch_dynamic(model, args, kwargs) if dynamic_batch else None
-    return _cpu_seconds(lambda: torch.export.export(model.train(), args, kwargs, dynamic_shapes=shapes, strict=False))
+    return _cpu_seconds(lambda: torch.export.export(model.train(), args, kwargs, strict=False))
 
 
 def transform_seconds(model, example, check: bool = True, frontend: str = "export") -> tuple[float, dict[str, float]]:
@@ -178,43 +164,64 @@ def transform_seconds(model, example, check: bool = True, frontend: str = "expor
     return total, dict(stages)
 
 
-def measure(names, repeats: int, log=print, transform_only: bool = False) -> list[dict]:
+def measure(names, repeats: int, log=print, transform_only: bool = False, before: str | None = None) -> list[dict]:
     rows = []
     for name in names:
         model, example = MODELS[name]()
         check = None if transform_only else True
         # Warm-ups: the first export and the first transform in a process pay one-time costs.
         plain_export_seconds(model, example)
-        plain_export_seconds(model, example, dynamic_batch=True)
         transform_seconds(model, example, check=check)
-        plain, dynamic, runs, unchecked, auto = [], [], [], [], []
+        plain, runs, unchecked, auto, earlier = [], [], [], [], []
         for _ in range(repeats):  # interleaved, so a change of load hits every column alike
             plain.append(plain_export_seconds(model, example))
-            dynamic.append(plain_export_seconds(model, example, dynamic_batch=True))
             runs.append(transform_seconds(model, example, check=check))
             if not transform_only:
                 unchecked.append(transform_seconds(model, example, check=False)[0])
                 auto.append(transform_seconds(model, example, frontend="auto")[0])
+            if before:
+                earlier.append(_transform_seconds_at(before, name))
         base = max(median(plain), 1e-9)
         row = {
             "model": name,
             "params": sum(p.numel() for p in model.parameters()),
             "plain_export_s": _rounded(plain),
-            "plain_export_dynamic_batch_s": _rounded(dynamic),
             "transform_s": _rounded([r[0] for r in runs]),
             "transform_no_check_s": _rounded(unchecked),
             "transform_auto_s": _rounded(auto),
             "stages_s": {s: _rounded([r[1][s] for r in runs if s in r[1]]) for s in STAGES},
             "ratio": _rounded([r[0] for r in runs], base, 2),
             "ratio_no_check": _rounded(unchecked, base, 2),
-            "ratio_dynamic_batch": _rounded([r[0] for r in runs], median(dynamic), 2),
+            "before": before,
+            "transform_before_s": _rounded(earlier),
+            "ratio_before": _rounded(earlier, base, 2),
         }
         rows.append(row)
-        log(f"{name}: plain export {row['plain_export_s']} s ({row['plain_export_dynamic_batch_s']} s with a "
-            f"dynamic batch), transform {row['transform_s']} s ({row['transform_no_check_s']} s with check=False): "
-            f"{row['ratio']}x ({row['ratio_no_check']}x without the check, {row['ratio_dynamic_batch']}x against "
-            f"the dynamic-batch export)")
+        log(f"{name}: plain export {row['plain_export_s']} s, transform {row['transform_s']} s "
+            f"({row['transform_no_check_s']} s with check=False): {row['ratio']}x ({row['ratio_no_check']}x without "
+            f"the check)" + (f"; simfx at {before}: {row['ratio_before']}x" if before else ""))
     return rows
+
+
+def _transform_seconds_at(revision: str, name: str) -> float:
+    """The export-frontend transform time of simfx at git ``revision``, one run after a warm-up, in a subprocess."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        archive = subprocess.run(["git", "archive", revision, "simfx"], cwd=HERE.parent, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+        script = (
+            "import sys, json; sys.argv=['x']; import export_time as e; import torch; torch.set_num_threads(1);"
+            f"m, x = e.MODELS[{name!r}](); e.transform_seconds(m, x, check=None);"
+            "print('SECONDS', e.transform_seconds(m, x, check=None)[0])"
+        )
+        env = {**__import__("os").environ, "PYTHONPATH": f"{folder}:{HERE}"}
+        out = subprocess.run([sys.executable, "-c", script], cwd=HERE, env=env, capture_output=True, text=True,
+                             check=True).stdout
+    return float(next(line.split()[1] for line in out.splitlines() if line.startswith("SECONDS")))
 
 
 def _rounded(values: list[float], per: float = 1.0, digits: int = 3) -> float | None:
@@ -227,16 +234,21 @@ def _cell(value, unit: str = "") -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    header = ["model", "params", "plain export (s)", "plain export, dynamic batch (s)", "simfx transform (s)",
-              "transform, check=False (s)", "ratio", "ratio, check=False", "ratio vs dynamic-batch export",
-              "transform, frontend='auto' (s)", *(f"{s} (s)" for s in STAGES)]
+    before = next((r["before"] for r in rows if r.get("before")), None)
+    header = ["model", "params", "plain export (s)", "simfx transform (s)", "ratio", "transform, check=False (s)",
+              "ratio, check=False", "check (s)"]
+    if before:
+        header += [f"transform at {before} (s)", f"ratio at {before}"]
+    header += ["transform, frontend='auto' (s)", *(f"{s} (s)" for s in STAGES if s != "check")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        lines.append("| " + " | ".join([
-            r["model"], f"{r['params']:,}", *(_cell(r[k]) for k in (
-                "plain_export_s", "plain_export_dynamic_batch_s", "transform_s", "transform_no_check_s")),
-            *(_cell(r[k], "x") for k in ("ratio", "ratio_no_check", "ratio_dynamic_batch")),
-            _cell(r["transform_auto_s"]), *(_cell(r["stages_s"][s]) for s in STAGES)]) + " |")
+        cells = [r["model"], f"{r['params']:,}", _cell(r["plain_export_s"]), _cell(r["transform_s"]),
+                 _cell(r["ratio"], "x"), _cell(r["transform_no_check_s"]), _cell(r["ratio_no_check"], "x"),
+                 _cell(r["stages_s"].get("check"))]
+        if before:
+            cells += [_cell(r["transform_before_s"]), _cell(r["ratio_before"], "x")]
+        cells += [_cell(r["transform_auto_s"]), *(_cell(r["stages_s"][s]) for s in STAGES if s != "check")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -249,11 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stem", default=None, help="result file name (default export_time, export_time-quick)")
     parser.add_argument("--transform-only", action="store_true",
                         help="time the transform alone (no stages, check=False or auto): works with older simfx")
+    parser.add_argument("--before", metavar="REV", default=None,
+                        help="also time the export-frontend transform of simfx at this git revision")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     names, repeats = (["bert-2x32"], 1) if args.quick else (args.models, args.repeats)
     started, load_before = datetime.now(), load_average()
-    rows = measure(names, repeats, transform_only=args.transform_only)
+    rows = measure(names, repeats, transform_only=args.transform_only, before=args.before)
     meta = run_meta("export_time.py", argv, started, load_before)
     markdown = "\n".join([
         *markdown_header(meta, f"process CPU seconds, medians of {repeats} after a warm-up, one torch thread"),

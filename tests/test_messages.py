@@ -148,13 +148,19 @@ def _reentrant_checkpointing_switched_on_after_transform():
 
 
 class SkipsWhenNotExporting(TinyResNet):
-    """Runs its second block only while torch.export traces it (the branch a deployment export takes)."""
+    """Runs its last block only while torch.export traces it (the branch a deployment export takes)."""
 
     def forward(self, x):
         x = self.blocks[1](self.blocks[0](self.stem(x)))
         if torch.compiler.is_exporting():
             x = self.blocks[2](x)
         return self.fc(x.mean(dim=(2, 3)))
+
+
+def _a_block_only_export_runs():
+    if not hasattr(torch.compiler, "is_exporting"):
+        pytest.skip("torch.compiler.is_exporting is new in torch 2.6")
+    simfx.transform(SkipsWhenNotExporting(), X, frontend="export")
 
 
 def _objective_with_an_unused_parameter():
@@ -569,7 +575,7 @@ MESSAGES = {
         r"block 'blocks\.0' ran with gradients off in a training step \(inside torch\.no_grad\(\) or a reentrant "
         r"torch\.utils\.checkpoint\).*use_reentrant=False.*exclude=\['blocks\.0'\]"),
     "a block torch.export saw but the model's own forward does not run": (
-        lambda: simfx.transform(SkipsWhenNotExporting(), X, frontend="export"), simfx.FaithfulnessError,
+        _a_block_only_export_runs, simfx.FaithfulnessError,
         r"could not read 1 chosen block\(s\) of SkipsWhenNotExporting when the model ran on the example inputs: "
         r"'blocks\.2' \(input at argument x of 'blocks\.2', output at the result of 'blocks\.2'\).*exclude"),
     "an objective with a parameter its loss does not use": (
@@ -697,11 +703,11 @@ MESSAGES.update({
             simfx.transform(DictOutput(), X, loss_in_output=True), label_smoothing_factor=0.1)), ValueError,
         r"label_smoothing_factor=0\.1: .*ignores outputs\.loss, so sim_loss would not be trained\. Pass "
         r"compute_loss_func=.*outputs\['sim_loss'\]"),
-    "SimDetectionTrainer with multi_scale, which changes the image size": (
+    "SimDetectionTrainer with compile, which takes the loss out of the model's forward": (
         _with_module("ultralytics", lambda: __import__("simfx.integrations.ultralytics").integrations.ultralytics
-                     .SimDetectionTrainer(overrides={"multi_scale": 0.5})), ValueError,
-        r"SimDetectionTrainer does not support multi_scale=0\.5: the SIM graph is captured at one image size\. "
-        r"Train without it"),
+                     .SimDetectionTrainer(overrides={"compile": True})), ValueError,
+        r"SimDetectionTrainer does not support compile=True: Ultralytics then computes the loss outside the model's "
+        r"forward, where SIM is not\. Train without it"),
     "SimDetectionTrainer with an Ultralytics older than 8.4.104": (
         _old_ultralytics, ImportError, r"SimDetectionTrainer needs ultralytics>=8\.4\.104 .*found 8\.4\.0\. Upgrade: pip install -U ultralytics"),
     "a name simfx.integrations.transformers does not have": (

@@ -150,3 +150,24 @@ def test_yolo26n_end_to_end_head_trains_with_sim_options(tmp_path, offline_cpu):
     check_sim_training(trainer, "yolo26n.yaml")
     results = ultralytics.YOLO(trainer.best).predict(str(data.parent / "images" / "val" / "0.png"), imgsz=IMGSZ)
     assert len(results) == 1
+
+
+@pytest.mark.slow
+def test_multi_scale_training_trains_with_sim_at_every_image_size(tmp_path, offline_cpu):
+    from simfx.integrations.ultralytics import SimDetectionTrainer
+
+    data = write_dataset(tmp_path / "data", n=8)
+    sizes = set()
+
+    def record_sizes(trainer):
+        def hook(module, args):
+            if module.training and isinstance(args[0], torch.Tensor):
+                sizes.add(tuple(args[0].shape[-2:]))
+        trainer.model.register_forward_pre_hook(hook)
+
+    model = ultralytics.YOLO("yolo11n.yaml")
+    model.add_callback("on_pretrain_routine_end", record_sizes)
+    model.train(data=str(data), epochs=2, imgsz=IMGSZ, multi_scale=0.5, batch=2, trainer=SimDetectionTrainer)
+    assert len(sizes) > 1  # images resized every batch, as multi-scale training does
+    row = [r for r in csv.DictReader(open(model.trainer.csv))][-1]
+    assert np.isfinite(float(row["train/sim_loss"])) and float(row["train/sim_loss"]) > 0

@@ -91,17 +91,36 @@ def capture_calls(model: nn.Module, inputs: ExampleInputs) -> TracedModel:
 
 
 def _failing_unit(error: BaseException, calls: list[_Call], units: list[int]) -> int | None:
-    """The replayed call whose module's code export failed in (innermost), from the error's traceback."""
-    by_module = {id(calls[i].module): i for i in units}
-    found = None
-    cause = error.__cause__ or error
-    tb = cause.__traceback__
-    while tb is not None:
-        owner = tb.tb_frame.f_locals.get("self")
-        if id(owner) in by_module:
-            found = by_module[id(owner)]
-        tb = tb.tb_next
-    return found
+    """The replayed call whose module's code export failed in (the innermost), from the error's traceback."""
+    by_name = {calls[i].name: i for i in units}
+    pending, seen = [error], set()
+    while pending:  # export may raise its own error from the one raised in the model's code
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        found, tb = None, current.__traceback__
+        while tb is not None:
+            name = _module_called_in(tb.tb_frame)
+            if name in by_name:
+                found = by_name[name]
+            tb = tb.tb_next
+        if found is not None:
+            return found
+        pending += [current.__cause__, current.__context__]
+    return None
+
+
+def _module_called_in(frame) -> str | None:
+    """The qualified name of the module a tracer's ``call_module`` frame is calling, if it is one."""
+    tracer, module = frame.f_locals.get("self"), frame.f_locals.get("m")
+    if frame.f_code.co_name != "call_module" or not isinstance(module, nn.Module):
+        return None
+    try:
+        path = tracer.path_of_module(module)
+    except Exception:  # noqa: BLE001 - a module the tracer does not know: not one of ours
+        return None
+    return path.removeprefix("_export_root.") if isinstance(path, str) else None
 
 
 def _probe(model: nn.Module, inputs: ExampleInputs) -> tuple[list[_Call], Any]:

@@ -28,12 +28,12 @@ SIM options go in the class attribute ``sim_options`` (any keyword of
 
     YOLO("yolo11n.yaml").train(data="data.yaml", trainer=MyTrainer)
 
-Ultralytics models are captured with ``torch.export`` (``frontend="export"`` by
-default here: fx keeps most of a YOLO opaque, and ``frontend="auto"`` would try it
-first), at the training image size. That graph is specialised to one image size,
-so ``multi_scale`` and ``rect`` training are refused, and so are ``compile=True``
-(Ultralytics then computes the loss outside the model's forward) and ``resume``
-(the checkpoints do not keep the reconstructors).
+Ultralytics models are captured with ``torch.export`` for analysis
+(``frontend="export"`` by default here: fx keeps most of a YOLO opaque, and
+``frontend="auto"`` would try it first), and train by running their own forward,
+so ``multi_scale`` and ``rect`` training work at every image size. Refused:
+``compile=True`` (Ultralytics then computes the loss outside the model's forward)
+and ``resume`` (the checkpoints do not keep the reconstructors).
 """
 
 from __future__ import annotations
@@ -112,8 +112,6 @@ def _without_sim(model: nn.Module) -> Iterator[None]:
 
 # Ultralytics options the SIM graph cannot follow, and why.
 _UNSUPPORTED = {
-    "multi_scale": "the SIM graph is captured at one image size",
-    "rect": "the SIM graph is captured at one (square) image size",
     "compile": "Ultralytics then computes the loss outside the model's forward, where SIM is not",
     "resume": "its checkpoints hold the plain model, without the reconstructors",
 }

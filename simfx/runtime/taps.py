@@ -131,9 +131,14 @@ def _same(tensor: Tensor) -> Tensor:
 
 
 def _inside_checkpoint() -> bool:
-    """Saved-tensor hooks of ``torch.utils.checkpoint`` are in effect."""
+    """Saved-tensor hooks of ``torch.utils.checkpoint`` may be in effect.
+
+    torch < 2.6 cannot say which hooks are in effect: there, any could be.
+    """
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    hooks = top(False) if top is not None else None
+    if top is None:
+        return True
+    hooks = top(False)
     pack = hooks[0] if hooks else None
     return pack is not None and "checkpoint" in (getattr(pack, "__module__", "") or "")
 

@@ -96,6 +96,8 @@ def sample_count(n: int, numerator: int, denominator: int, minimum: int = 2) -> 
     compiled step at a new sequence length or resolution reuses the dynamic graph.
     """
     k = (n * numerator) // denominator
+    if isinstance(n, int):
+        return min(max(k, minimum), n)
     return torch.sym_min(torch.sym_max(k, minimum), n)
 
 
