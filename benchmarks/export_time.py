@@ -10,7 +10,8 @@ For each model, process CPU time of
 * ``simfx.transform(model, example)`` (``frontend="auto"``: fx first, export when
   fx cannot capture the model), what a user gets with defaults;
 * with ``--before REV``, the same export-frontend transform by simfx at git
-  revision ``REV``, in a subprocess, interleaved with the runs above.
+  revision ``REV`` with ``check=False`` (an earlier check may refuse a model), in a
+  subprocess, interleaved with the runs above.
 
 Medians over ``--repeats`` runs after one warm-up of each (the first export in a
 process pays one-time costs), with a garbage collection before each run so one
@@ -204,7 +205,8 @@ def measure(names, repeats: int, log=print, transform_only: bool = False, before
 
 
 def _transform_seconds_at(revision: str, name: str) -> float:
-    """The export-frontend transform time of simfx at git ``revision``, one run after a warm-up, in a subprocess."""
+    """The export-frontend transform time (check=False) of simfx at git ``revision``: one run after a warm-up,
+    in a subprocess."""
     import json
     import subprocess
     import tempfile
@@ -214,9 +216,10 @@ def _transform_seconds_at(revision: str, name: str) -> float:
                                  check=True).stdout
         subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
         script = (
-            "import sys, json; sys.argv=['x']; import export_time as e; import torch; torch.set_num_threads(1);"
-            f"m, x = e.MODELS[{name!r}](); e.transform_seconds(m, x, check=None);"
-            "print('SECONDS', e.transform_seconds(m, x, check=None)[0])"
+            "import export_time as e, simfx, torch; torch.set_num_threads(1);"
+            f"m, x = e.MODELS[{name!r}](); x = e._keywords(m, x);"
+            "run = lambda: simfx.transform(m, x, frontend='export', check=False); run();"
+            "print('SECONDS', e._cpu_seconds(run))"
         )
         env = {**__import__("os").environ, "PYTHONPATH": f"{folder}:{HERE}"}
         out = subprocess.run([sys.executable, "-c", script], cwd=HERE, env=env, capture_output=True, text=True,
@@ -238,7 +241,7 @@ def to_markdown(rows: list[dict]) -> str:
     header = ["model", "params", "plain export (s)", "simfx transform (s)", "ratio", "transform, check=False (s)",
               "ratio, check=False", "check (s)"]
     if before:
-        header += [f"transform at {before} (s)", f"ratio at {before}"]
+        header += [f"transform at {before}, check=False (s)", f"ratio at {before}, check=False"]
     header += ["transform, frontend='auto' (s)", *(f"{s} (s)" for s in STAGES if s != "check")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:

@@ -10,9 +10,12 @@ The exported graph is what simfx *analyses*, never what trains: a model
 captured this way trains by running its own forward, with SIM reading the
 chosen blocks' inputs and outputs at their module calls
 (:mod:`simfx.runtime.taps`). So the capture keeps, besides the graph, every
-module call's signature (``preserve_module_call_signature``): which graph
-values each call of each submodule took as arguments and returned, and where
-in its ``(args, kwargs)`` and its result (:class:`~simfx.capture.record.ModuleCall`).
+module call: which graph values each call of each submodule took as arguments
+and returned, and where in its ``(args, kwargs)`` and its result
+(:class:`~simfx.capture.record.ModuleCall`). Forward hooks record them while
+export traces, tagging the node of each tensor a call passes (export's own
+``preserve_module_call_signature`` does the same job at twice the cost of the
+export, and fails on calls passing objects it cannot flatten).
 Nothing the graph would lose (hooks, checkpointing, Python state, random draws,
 sizes export specialises) matters for training, so nothing is refused here:
 
@@ -36,17 +39,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
+import itertools
 import logging
 import operator
-import os
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.experimental import proxy_tensor
 from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
@@ -107,7 +113,7 @@ def exported(model: nn.Module, root: nn.Module, args: tuple, template: CallTempl
         # constant of the graph: it only describes the computation; training runs the model itself.
         warnings.filterwarnings("ignore", message="A model attribute .* requires gradient")
         root.train(True)
-        with torch.enable_grad():  # grad-mode switches in the graph are relative to this
+        with torch.enable_grad(), _ModuleCallRecorder(model) as recorder:  # grad modes are relative to this
             program = _export(root, args, model)
         unlifted = program.module()
     root.training = model.training
@@ -126,7 +132,7 @@ def exported(model: nn.Module, root: nn.Module, args: tuple, template: CallTempl
         constants=tuple(constants),
         inputs=tuple(args),
         frontend=frontend,
-        calls=_module_calls(program, graph, model, no_grad),
+        calls=recorder.module_calls(graph, model),
         runtime="model",
         batch=batch,
     )
@@ -161,24 +167,16 @@ def _export_function():
 
 
 def _export(root: nn.Module, args: tuple, model: nn.Module):
-    """The exported program, with the call signature of every submodule kept that export can keep."""
+    """The exported program (no stack traces on its nodes where torch can leave them out: nothing reads them)."""
     export = _export_function()
-    preserved = [name for name, _ in model.named_modules() if name]
+    config = torch.fx.config
+    emitting = getattr(config, "do_not_emit_stack_traces", None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # export_for_training's deprecation notice
-            while True:
-                try:
-                    return export(root, args, strict=False, preserve_module_call_signature=tuple(preserved))
-                except Exception as error:  # noqa: BLE001 - a signature export cannot keep: leave that class out
-                    failing = _unpreservable_module(error)
-                    if failing is None or failing not in preserved:
-                        if not preserved:
-                            raise
-                        preserved = []  # capture without signatures: nothing is readable at a module call
-                        continue
-                    cls = type(model.get_submodule(failing))
-                    preserved = [name for name in preserved if type(model.get_submodule(name)) is not cls]
+            if emitting is not None:
+                config.do_not_emit_stack_traces = True
+            return export(root, args, strict=False)
     except Exception as error:  # torch.export raises many types; all mean "cannot capture"
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise TraceError(
@@ -186,63 +184,100 @@ def _export(root: nn.Module, args: tuple, model: nn.Module):
             f"{frame_location(user_frame(error))}: {type(error).__name__}: {first}\nFix: {_export_fix(error)}",
             "", type(model), first,
         ) from error
+    finally:
+        if emitting is not None:
+            config.do_not_emit_stack_traces = emitting
 
 
-def _unpreservable_module(error: BaseException) -> str | None:
-    """The module whose call signature export could not keep (its arguments or result are not tensors,
-    scalars or containers of them), read from export's own hook in the traceback; None if it is not that."""
-    tb = error.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        path = frame.f_locals.get("path")
-        if frame.f_code.co_filename.endswith(f"_export{os.sep}wrappers.py") and isinstance(path, str):
-            return path.removeprefix("_export_root.")  # export's own wrapper of the root module
-        tb = tb.tb_next
-    return None
+_TAG = "simfx_value"  # node.meta key: the tag of a graph value some module call passed
 
 
-def _module_calls(program, graph: fx.Graph, model: nn.Module, no_grad: frozenset[str]) -> dict:
-    """Each submodule call export kept the signature of, as a :class:`ModuleCall` over ``graph``'s nodes."""
-    nodes = {n.name: n for n in graph.nodes}
-    modules = dict(model.named_modules())
-    calls: dict[ScopeFrame, ModuleCall] = {}
-    for entry in getattr(program, "module_call_graph", ()):
-        signature = entry.signature
-        name, _, repeat = entry.fqn.partition("@")
-        if not name or signature is None or name not in modules:
-            continue
-        frame = ScopeFrame(name, type(modules[name]), int(repeat) if repeat.isdigit() else 0)
-        leaves = [_argument_value(argument, nodes) for argument in signature.inputs]
-        try:
-            call_args, call_kwargs = pytree.tree_unflatten(leaves, signature.in_spec)
-            results = [_argument_value(argument, nodes) for argument in signature.outputs]
-            paths, _ = pytree.tree_flatten_with_path(pytree.tree_unflatten(results, signature.out_spec))
-        except Exception:  # noqa: BLE001 - a signature that does not rebuild: this call is not observable
-            continue
-        outputs = {
-            value.name: tuple(_step(key) for key in path)
-            for path, value in paths if isinstance(value, fx.Node)
-        }
-        first = next((v for v in leaves if isinstance(v, fx.Node)), None)
-        calls[frame] = ModuleCall(
-            frame, tuple(call_args), dict(call_kwargs), outputs,
-            grad_enabled=not (first is not None and first.name in no_grad),
-        )
-    return calls
+class _ModuleCallRecorder:
+    """Forward hooks on every submodule while export traces: each call's arguments and result.
+
+    A tensor a call passes is recorded by its graph node, tagged in ``node.meta``
+    (the tag survives export's passes and graph copies); anything else is kept as the
+    constant it was. :meth:`module_calls` turns the records into :class:`ModuleCall`\ s
+    over the final graph.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.records: list[tuple] = []
+        self._calls: dict[str, int] = {}
+        self._open: dict[str, list] = {}
+        self._tags = itertools.count()
+        self._handles: list = []
+
+    def __enter__(self) -> "_ModuleCallRecorder":
+        for name, module in self.model.named_modules():
+            if name:
+                self._handles.append(module.register_forward_pre_hook(
+                    functools.partial(self._enter, name), with_kwargs=True))
+                self._handles.append(module.register_forward_hook(
+                    functools.partial(self._leave, name), with_kwargs=True, always_call=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _enter(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call = self._calls.get(name, 0)
+        self._calls[name] = call + 1
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        self._open.setdefault(name, []).append((call, torch.is_grad_enabled(), [self._tag(v) for v in leaves], spec))
+
+    def _leave(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        call, grad_enabled, leaves, spec = self._open[name].pop()
+        paths, _ = pytree.tree_flatten_with_path(output)
+        results = [(tuple(_step(key) for key in path), self._tag(value)) for path, value in paths]
+        self.records.append((name, call, grad_enabled, leaves, spec, results))
+
+    def _tag(self, value: Any) -> Any:
+        """A tensor's tag (its graph node's), or the value itself when it is not a tensor."""
+        if not isinstance(value, torch.Tensor):
+            return value
+        mode = proxy_tensor.get_proxy_mode()
+        slot = proxy_tensor.get_proxy_slot(value, mode.tracer, None) if mode is not None else None
+        node = getattr(getattr(slot, "proxy", slot), "node", None)
+        if node is None:
+            return _Unknown()
+        if _TAG not in node.meta:
+            node.meta[_TAG] = next(self._tags)
+        return _Tag(node.meta[_TAG])
+
+    def module_calls(self, graph: fx.Graph, model: nn.Module) -> dict[ScopeFrame, ModuleCall]:
+        """Each recorded call as a :class:`ModuleCall` over ``graph``'s nodes."""
+        nodes = {n.meta[_TAG]: n for n in graph.nodes if _TAG in n.meta}
+        modules = dict(model.named_modules())
+
+        def value(leaf: Any) -> Any:
+            return nodes.get(leaf.tag, _Unknown()) if isinstance(leaf, _Tag) else leaf
+
+        calls: dict[ScopeFrame, ModuleCall] = {}
+        for name, call, grad_enabled, leaves, spec, results in self.records:
+            call_args, call_kwargs = pytree.tree_unflatten([value(v) for v in leaves], spec)
+            outputs = {}
+            for path, leaf in results:
+                node = value(leaf)
+                if isinstance(node, fx.Node):
+                    outputs.setdefault(node.name, path)
+            frame = ScopeFrame(name, type(modules[name]), call)
+            calls[frame] = ModuleCall(frame, tuple(call_args), dict(call_kwargs), outputs, grad_enabled)
+        return calls
+
+
+@dataclass(frozen=True)
+class _Tag:
+    tag: int
 
 
 class _Unknown:
-    """An argument export recorded that is not a graph value of ours (a lifted parameter, a token)."""
+    """A tensor a call passed that is no graph value (export kept no node for it)."""
 
     def __repr__(self) -> str:
         return "<not observable>"
-
-
-def _argument_value(argument: Any, nodes: dict[str, fx.Node]) -> Any:
-    if type(argument).__name__ == "ConstantArgument":
-        return argument.value
-    name = getattr(argument, "name", None)
-    return nodes.get(name, _Unknown()) if isinstance(name, str) else _Unknown()
 
 
 def _step(key: Any) -> tuple[str, Any]:
