@@ -2,7 +2,8 @@
 
 DESIGN's invariant that every reconstructor parameter gets a gradient every step
 is what lets DDP run without ``find_unused_parameters``; these tests train for a
-few steps and check that the ranks stay identical and the reconstructors learn.
+few steps and check that the ranks stay identical and the reconstructors learn,
+with the training graph of fx and with a model that trains itself (export).
 """
 
 from __future__ import annotations
@@ -46,13 +47,13 @@ def _wrap(sim, how: str):
     return model, torch.compile(model, backend="aot_eager")
 
 
-def _worker(rank: int, port: int, how: str, results: str) -> None:
+def _worker(rank: int, port: int, how: str, frontend: str, results: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts them)
-        sim = simfx.transform(TinyResNet(), torch.randn(2, 3, 16, 16)).train()
+        sim = simfx.transform(TinyResNet(), torch.randn(2, 3, 16, 16), frontend=frontend).train()
         before = {k: v.detach().clone() for k, v in sim.simfx.state_dict().items()}
         model, step = _wrap(sim, how)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -73,8 +74,8 @@ def _worker(rank: int, port: int, how: str, results: str) -> None:
         dist.destroy_process_group()
 
 
-def _run(tmp_path, how: str):
-    mp.spawn(_worker, args=(_free_port(), how, str(tmp_path)), nprocs=WORLD, join=True)
+def _run(tmp_path, how: str, frontend: str = "fx"):
+    mp.spawn(_worker, args=(_free_port(), how, frontend, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     return ranks
 
@@ -100,9 +101,11 @@ def _check(ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["eager", "ddp_of_compiled", "compiled_ddp"])
-def test_ddp_two_processes_keep_identical_parameters(tmp_path, how):
-    _check(_run(tmp_path, how))
+@pytest.mark.parametrize("how, frontend", [
+    ("eager", "fx"), ("ddp_of_compiled", "fx"), ("compiled_ddp", "fx"), ("eager", "export"), ("ddp_of_compiled", "export"),
+])
+def test_ddp_two_processes_keep_identical_parameters(tmp_path, how, frontend):
+    _check(_run(tmp_path, how, frontend))
 
 
 def _fully_shard():
@@ -113,7 +116,7 @@ def _fully_shard():
     return fully_shard
 
 
-def _fsdp_worker(rank: int, port: int, results: str) -> None:
+def _fsdp_worker(rank: int, port: int, frontend: str, results: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -125,7 +128,7 @@ def _fsdp_worker(rank: int, port: int, results: str) -> None:
         fully_shard = _fully_shard()
         mesh = init_device_mesh("cpu", (WORLD,))
         torch.manual_seed(0)
-        sim = simfx.transform(TinyResNet(), torch.randn(2, 3, 16, 16)).train()
+        sim = simfx.transform(TinyResNet(), torch.randn(2, 3, 16, 16), frontend=frontend).train()
         for block in sim.sim_blocks:  # the usual per-block sharding, then the root
             fully_shard(sim.get_submodule(block.name), mesh=mesh)
         fully_shard(sim, mesh=mesh)
@@ -146,8 +149,9 @@ def _fsdp_worker(rank: int, port: int, results: str) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp2_per_block_fully_shard_after_transform_keeps_ranks_identical(tmp_path):
-    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_fsdp2_per_block_fully_shard_after_transform_keeps_ranks_identical(tmp_path, frontend):
+    mp.spawn(_fsdp_worker, args=(_free_port(), frontend, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     first = ranks[0]["state"]
     assert any(k.startswith("simfx.") for k in first)

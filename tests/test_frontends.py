@@ -439,6 +439,15 @@ def test_auto_reports_every_capture_it_tried_when_none_can():
            "calls no submodule" in message
 
 
+def test_captures_that_fail_leave_nothing_on_the_terminal_but_simfxs_error(capfd, caplog):
+    caplog.set_level("DEBUG")
+    with pytest.raises(simfx.TraceError):
+        simfx.transform(DataDependent(), torch.randn(2, 4))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""  # torch.export prints the partial graph of a failed capture to stderr
+    assert not [r for r in caplog.records if r.name.startswith("torch")]  # and logs its guard failures
+
+
 class BranchesOnValues(nn.Module):
     """Python on tensor values around plain module calls, as research code writes it: no trace takes the forward."""
 
