@@ -279,6 +279,9 @@ def test_blocks_checkpointed_inside_the_models_own_forward_train_with_sim():
     assert sim.simfx_info.check == "passed"
     for length in (5, 9):
         _train_step(sim, torch.randn(3, length, 8))
+    # Compiled, SIM's hook inside the checkpointed region is a side effect dynamo takes out of the graph.
+    torch._dynamo.reset()
+    _train_step(torch.compile(sim, backend="aot_eager"), torch.randn(3, 7, 8))
 
 
 # --- hooks, experts, adapters --------------------------------------------------------------------------------------
