@@ -375,9 +375,9 @@ def _analyse(model, inputs: ExampleInputs, frontend: str, capture: _Capture, sel
         for finding in lost:
             if not finding.module or finding.module in already:
                 raise FaithfulnessError(
-                    f"simfx cannot trace {type(model).__name__} faithfully: {finding.describe()}. Move that code "
-                    f"into a submodule (simfx then runs it as one call), or use frontend='export' where it is "
-                    f"supported."
+                    f"simfx cannot trace {type(model).__name__} faithfully: {finding.describe()}. Use "
+                    f"frontend='export' (the model then trains itself, running that code every step; "
+                    f"frontend='auto' does so), or move that code into a submodule (fx then runs it as one call)."
                 )
             if finding.module not in reasons:
                 leaves.append(finding.module)

@@ -10,9 +10,11 @@ cannot keep a behaviour, the test checks the error names the place and the fix.
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 
 import numpy as np
+from numpy.random import uniform as imported_uniform
 import pytest
 import torch
 import torch.nn.functional as F
@@ -438,8 +440,196 @@ class PythonRandomRoot(nn.Module):
 
 
 def test_a_random_decision_in_the_models_own_forward_is_refused_with_the_line():
-    with pytest.raises(simfx.FaithfulnessError, match=r"random\.random.*test_faithful\.py:\d+.*Move that code into a submodule"):
+    with pytest.raises(simfx.FaithfulnessError, match=r"random\.random.*test_faithful\.py:\d+.*move that code into a submodule"):
         simfx.transform(PythonRandomRoot(), torch.randn(2, 4, 8), frontend="fx")
+
+
+# --- Python state a forward changes ---------------------------------------------------------------
+
+
+class _Net(nn.Module):
+    """A stem, two residual layers and a head, for the state-keeping models below."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(8, 16)
+        self.layers = nn.ModuleList([Residual(16), Residual(16)])
+        self.head = nn.Linear(16, 2)
+
+    def body(self, x):
+        h = self.stem(x)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+class WarmupBlend(_Net):
+    """A warm-up schedule on a step counter the model keeps (``self.steps += 1``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps, self.warmup = 0, 4
+
+    def forward(self, x):
+        if self.training:
+            self.steps += 1
+        return self.head(self.body(x)) * min(1.0, self.steps / self.warmup)
+
+
+class MemoryBank(_Net):
+    """Past batch means kept in a list and blended into the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.bank = []
+
+    def forward(self, x):
+        h = self.body(x)
+        self.bank.append(float(len(self.bank)))
+        return self.head(h) * (1 + 0.1 * len(self.bank))
+
+
+class CountingLayer(Residual):
+    """A layer whose contribution shrinks with its calls: a curriculum kept in a dict."""
+
+    def __init__(self, width):
+        super().__init__(width)
+        self.stats = {"calls": 0}
+
+    def forward(self, x):
+        self.stats["calls"] = self.stats["calls"] + 1
+        return x + (super().forward(x) - x) / self.stats["calls"]
+
+
+class Curriculum(_Net):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([CountingLayer(16), CountingLayer(16)])
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class ConfigSchedule(_Net):
+    """A step counted on a config object (not a module): what recording does not see, the check does."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(step=0)
+
+    def forward(self, x):
+        self.config.step += 1
+        return self.head(self.body(x)) * min(1.0, self.config.step / 4)
+
+
+def _drift(sim, reference, steps: int = 4) -> float:
+    """The largest difference between the transformed module's training outputs and the model's own, step by step."""
+    sim.train(), reference.train()
+    largest = 0.0
+    for step in range(steps):
+        x = torch.randn(3, 8)
+        torch.manual_seed(step), np.random.seed(step)
+        out, _ = sim(x)
+        torch.manual_seed(step), np.random.seed(step)
+        largest = max(largest, float((out - reference(x)).abs().max()))
+    return largest
+
+
+@pytest.mark.parametrize("model_class, found", [
+    (WarmupBlend, r"the model's own forward sets self\.steps in its forward.*test_faithful\.py:\d+ `self\.steps \+= 1`"),
+    (MemoryBank, r"changes self\.bank \(append\) in its forward.*test_faithful\.py:\d+ `self\.bank\.append"),
+])
+def test_state_the_models_own_forward_changes_is_refused_by_fx_and_kept_by_default(model_class, found):
+    model = model_class()
+    with pytest.raises(simfx.FaithfulnessError, match=rf"(?s){found}.*frontend='export' \(the model then trains itself"):
+        simfx.transform(model, torch.randn(2, 8), frontend="fx")
+    reference = copy.deepcopy(model)
+    sim = simfx.transform(model, torch.randn(2, 8))  # auto: the model trains itself
+    assert sim.simfx_info.runtime == "model"
+    assert _drift(sim, reference) == 0.0
+
+
+def test_state_a_block_changes_keeps_that_block_one_call():
+    model = Curriculum()
+    reference = copy.deepcopy(model)
+    sim = simfx.transform(model, torch.randn(2, 8), frontend="fx")
+    assert sim.simfx_info.plan.names == ["layers.0", "layers.1"]
+    assert set(sim.simfx_info.calls) == {"layers.0", "layers.1"}  # the blocks run their own code every step
+    assert _drift(sim, reference) == 0.0
+    # Not chosen as blocks, they are kept opaque (one call each) for the same reason.
+    model = Curriculum()
+    reference = copy.deepcopy(model)
+    sim = simfx.transform(model, torch.randn(2, 8), frontend="fx", blocks=["stem"])
+    assert "changes self.stats (__setitem__) in its forward" in sim.simfx_info.opaque["layers.0"]
+    assert _drift(sim, reference) == 0.0
+
+
+def test_state_recording_cannot_see_shows_on_the_checks_second_step():
+    model = ConfigSchedule()
+    with pytest.raises(simfx.FaithfulnessError, match=r"on a second training step: state its forward changes"):
+        simfx.transform(model, torch.randn(2, 8), frontend="fx")
+    reference = copy.deepcopy(model)
+    assert _drift(simfx.transform(model, torch.randn(2, 8)), reference) == 0.0
+
+
+@pytest.mark.parametrize("model_class", [WarmupBlend, MemoryBank, Curriculum, ConfigSchedule])
+def test_transforming_leaves_the_models_python_state_as_it_was(model_class):
+    model = model_class()
+    before = copy.deepcopy(model)
+    simfx.transform(model, torch.randn(2, 8))
+    simfx.find_boundaries(model, torch.randn(2, 8), frontend="export")
+    assert getattr(model, "steps", None) == getattr(before, "steps", None)
+    assert getattr(model, "bank", None) == getattr(before, "bank", None)
+    assert vars(getattr(model, "config", types.SimpleNamespace())) == vars(getattr(before, "config", types.SimpleNamespace()))
+    for layer, original in zip(model.layers, before.layers):
+        assert getattr(layer, "stats", None) == getattr(original, "stats", None)
+
+
+def test_transforming_leaves_the_random_generators_a_model_keeps_where_they_were():
+    model = NumpyLayerDrop("generator")
+    state = model.rng.bit_generator.state
+    simfx.transform(model, torch.randn(2, 8))
+    assert model.rng.bit_generator.state == state
+
+
+class NumpyLayerDrop(_Net):
+    """LayerDrop drawn with NumPy, in the three spellings people use."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling, self.layerdrop = spelling, 0.5
+        self.rng = np.random.default_rng(0)
+
+    def draw(self):
+        if self.spelling == "module":
+            return np.random.uniform(0, 1)
+        if self.spelling == "imported":
+            return imported_uniform(0, 1)
+        return self.rng.uniform(0, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for layer in self.layers:
+            if self.training and self.draw() < self.layerdrop:
+                continue
+            h = layer(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("spelling, what", [
+    ("module", r"numpy\.random\.uniform\), which a trace makes once and freezes at test_faithful\.py:\d+"),
+    ("imported", r"a draw from NumPy's global generator"),
+    ("generator", r"a draw from self\.rng \(Generator\)"),
+])
+def test_numpy_draws_are_refused_by_fx_whatever_the_seed_and_drawn_by_the_model_by_default(spelling, what):
+    for seed in range(4):  # each draw outcome at trace time: refused by what the trace saw, not by luck
+        np.random.seed(seed)
+        with pytest.raises(simfx.FaithfulnessError, match=rf"draws a random number with no tensor input \({what}"):
+            simfx.transform(NumpyLayerDrop(spelling), torch.randn(2, 8), frontend="fx")
+    model = NumpyLayerDrop(spelling)
+    reference = copy.deepcopy(model)
+    sim = simfx.transform(model, torch.randn(2, 8))
+    assert sim.simfx_info.runtime == "model" and _drift(sim, reference) == 0.0
 
 
 # --- in-place updates of aliased values ----------------------------------------------------------
@@ -671,7 +861,7 @@ class HiddenDetach(nn.Module):
 
 
 def test_a_custom_backward_in_the_models_own_forward_is_refused():
-    with pytest.raises(simfx.FaithfulnessError, match=r"custom autograd Function .*StopGradient.*Move that code into a submodule"):
+    with pytest.raises(simfx.FaithfulnessError, match=r"custom autograd Function .*StopGradient.*move that code into a submodule"):
         simfx.transform(HiddenDetach(), torch.randn(2, 4, 8), frontend="fx")
 
 

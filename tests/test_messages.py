@@ -567,7 +567,7 @@ MESSAGES = {
     "no eligible block under auto names both frontends": (
         lambda: simfx.transform(nn.Sequential(nn.Linear(4, 2)), torch.randn(3, 4)), simfx.NoEligibleBlockError, r"no eligible block.*simfx also tried torch\.export \(frontend='auto'\)"),
     "random draw in the models own forward": (
-        lambda: simfx.transform(RandomRoot(), X, frontend="fx"), simfx.FaithfulnessError, r"RandomRoot faithfully: the model's own forward draws a random number.*random\.random.*test_messages\.py:\d+.*Move that code into a submodule"),
+        lambda: simfx.transform(RandomRoot(), X, frontend="fx"), simfx.FaithfulnessError, r"RandomRoot faithfully: the model's own forward draws a random number.*random\.random.*test_messages\.py:\d+.*move that code into a submodule"),
     "training graph differs from the model": (
         lambda: simfx.transform(TensorCheck(), X, frontend="fx"), simfx.FaithfulnessError, r"training graph for TensorCheck \(fx frontend\) does not compute what the model computes.*output tensor differs.*leaf_modules|output tensor differs"),
     "a block checkpointed with use_reentrant=True, when the model trains itself": (

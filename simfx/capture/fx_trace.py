@@ -305,7 +305,8 @@ def _first_sentence(text: str, limit: int = 120) -> str:
 
 def _trace(tracer: _ScopeTracer, root: nn.Module, model: nn.Module, names: dict[int, str]):
     root.train(True)
-    recorder = TraceRecorder(tracer.innermost_module, names, tracer)
+    submodules = (m for name, m in model.named_modules() if name)
+    recorder = TraceRecorder(tracer.innermost_module, names, tracer, modules=[root, *submodules])
     with recorder, torch.enable_grad():
         graph = _run_tracer(tracer, root, model)
     return recorder, graph

@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import inspect
 import random
 import sys
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -60,33 +62,104 @@ def hidden_blocks(module: nn.Module) -> int:
 def preserved_module_state(model: nn.Module) -> Iterator[None]:
     """Undo what running the model's Python code did to its modules' attributes.
 
-    Tracers (fx proxies, export's and the shape pass's fake tensors) run forwards
-    that may cache values on modules (Ultralytics' Detect keeps its anchors) or
-    flip ``training``; those values must not outlive the trace. Hook registries
-    are restored by content, since a forward may register hooks on its first call
-    and mark that it did (Hugging Face's output-capturing hooks): both the hooks
-    and the mark go. Parameter and buffer *contents* are not touched by tracing
-    and are not copied.
+    Tracers (fx proxies, export's and the shape pass's fake tensors) and simfx's own
+    runs of the model execute forwards that may cache values on modules (Ultralytics'
+    Detect keeps its anchors), count their calls, flip ``training``, append to a
+    list or update a dict they keep, set attributes of a config they hold, or
+    register hooks on their first call and mark that they did (Hugging Face's
+    output-capturing hooks); none of it may outlive simfx's run. Attributes are
+    restored by binding, the lists, dicts and sets a module holds (its hook
+    registries, parameters and submodules among them) by content, and so are the
+    attributes of the plain objects it holds and the state of the random generators
+    it keeps. State outside the model's modules (a global, a closure) is not restored. Parameter and buffer *contents* are not
+    touched by tracing and are not copied.
     """
-    saved = [
-        (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules), _hook_registries(m))
-        for m in model.modules()
-    ]
+    saved = [(m, dict(m.__dict__), _containers(m)) for m in model.modules()]
+    held = {id(obj): (obj, dict(vars(obj))) for m in model.modules() for obj in _plain_objects(m)}
+    generators = [(g, _state(g)) for m in model.modules() for g in vars(m).values() if _state(g) is not None]
     try:
         yield
     finally:
-        for m, attributes, parameters, buffers, modules, registries in saved:
+        for generator, state in generators:
+            _restore_state(generator, state)
+        for obj, attributes in held.values():
+            now = obj.__dict__
+            for name in [k for k in now if k not in attributes]:
+                del now[name]
+            for name, value in attributes.items():
+                if now.get(name, _ABSENT) is not value:
+                    now[name] = value
+        for m, attributes, containers in saved:
             m.__dict__.clear()
             m.__dict__.update(attributes)
-            for container, contents in ((m._parameters, parameters), (m._buffers, buffers), (m._modules, modules),
-                                        *registries):
+            for container, contents in containers:
+                if _same_contents(container, contents):
+                    continue
                 container.clear()
-                container.update(contents)
+                if isinstance(container, dict):
+                    container.update(contents)
+                elif isinstance(container, list):
+                    container.extend(contents)
+                else:
+                    container.update(contents)
 
 
-def _hook_registries(module: nn.Module) -> list[tuple[dict, dict]]:
-    """(registry, its contents now) for each of a module's hook dictionaries."""
-    return [(value, dict(value)) for name, value in vars(module).items() if "hooks" in name and isinstance(value, dict)]
+def _state(generator: Any) -> Any:
+    """The state of a random generator a module holds (torch's, Python's, NumPy's), or None for anything else."""
+    if isinstance(generator, torch.Generator):
+        return generator.get_state()
+    if isinstance(generator, random.Random):
+        return generator.getstate()
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None and isinstance(generator, numpy_random.Generator):
+        return generator.bit_generator.state
+    if numpy_random is not None and isinstance(generator, numpy_random.RandomState):
+        return generator.get_state()
+    return None
+
+
+def _restore_state(generator: Any, state: Any) -> None:
+    if isinstance(generator, torch.Generator):
+        generator.set_state(state)
+    elif isinstance(generator, random.Random):
+        generator.setstate(state)
+    elif hasattr(generator, "bit_generator"):
+        generator.bit_generator.state = state
+    else:
+        generator.set_state(state)
+
+
+def _same_contents(container: Any, contents: Any) -> bool:
+    if len(container) != len(contents):
+        return False
+    if isinstance(container, dict):
+        return all(k in contents and contents[k] is v for k, v in container.items())
+    if isinstance(container, list):
+        return all(a is b for a, b in zip(container, contents))
+    return container == contents
+
+
+def _plain_objects(module: nn.Module) -> Iterator[Any]:
+    """The plain Python objects a module holds (a config, a schedule), whose attributes a forward may set."""
+    for value in vars(module).values():
+        if (hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Tensor, type))
+                and not callable(value) and not inspect.ismodule(value)):
+            yield value
+
+
+def _containers(module: nn.Module) -> list[tuple[Any, Any]]:
+    """(container, a copy of its contents) for each plain list, dict and set a module holds.
+
+    Plain ones only: a library's own dict types (diffusers' ``FrozenDict``) may refuse changes.
+    """
+    return [
+        (value, dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else set(value))
+        for value in vars(module).values() if type(value) in _PLAIN_CONTAINERS
+    ]
+
+
+_PLAIN_CONTAINERS = (dict, list, set, collections.OrderedDict, collections.defaultdict)
+_ABSENT = object()
 
 
 @contextlib.contextmanager

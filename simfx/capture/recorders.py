@@ -11,8 +11,15 @@ and restores everything on exit:
 
 * ``nn.Module.training`` reads: which modules branch on their mode
   (:attr:`TraceRecorder.flag_readers`);
+* Python state a forward changes: attributes it sets on a module (a step counter
+  ``self.steps += 1``, a cached mask) and the lists, dicts and sets a module holds
+  that it appends to or updates (a memory bank, a running statistic);
 * random draws with no traced input: torch's random functions (a
-  ``TorchFunctionMode``, fx only) and Python's and NumPy's ``random`` modules;
+  ``TorchFunctionMode``); Python's ``random`` (a profile hook sees every call of a
+  ``random.Random``, whatever the spelling) and NumPy's module functions
+  (``np.random.uniform``), where they ran; and, without the line, any other change
+  of the state of NumPy's global generator (a name imported from ``numpy.random``)
+  or of a generator a module keeps (``self.rng = np.random.default_rng()``);
 * ``autograd.Function.apply`` and saved-tensor hooks (activation checkpointing,
   offloading) inside traced code;
 * ``torch.autocast`` regions entered by the model: fx gets explicit
@@ -33,7 +40,7 @@ import random as python_random
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -53,10 +60,12 @@ class Finding:
     """Something the trace cannot keep, where it happened.
 
     ``kind`` is ``"random"`` (a draw made once at trace time),
-    ``"autograd_function"`` (a custom backward the trace drops), or
+    ``"autograd_function"`` (a custom backward the trace drops),
     ``"saved_tensor_hooks"`` (activation checkpointing or offloading the trace
-    inlines). ``module`` is the qualified name of the innermost module call it ran
-    in (``""`` for the model's own forward); ``where`` is the user's source line.
+    inlines), ``"attribute"`` (an attribute the forward sets on a module) or
+    ``"container"`` (a list, dict or set of a module the forward changes). ``module``
+    is the qualified name of the innermost module call it ran in (``""`` for the
+    model's own forward); ``where`` is the user's source line.
     """
 
     kind: str
@@ -69,6 +78,10 @@ class Finding:
             "random": f"draws a random number with no tensor input ({self.detail}), which a trace makes once and freezes",
             "autograd_function": f"applies the custom autograd Function {self.detail}, whose backward a trace drops",
             "saved_tensor_hooks": f"uses {self.detail}, which a trace inlines (it would keep every activation)",
+            "attribute": f"sets {self.detail} in its forward, which a trace does once: every later step would "
+                         f"compute with the value it had then",
+            "container": f"changes {self.detail} in its forward, which a trace does once: every later step would "
+                         f"see it as it was then",
         }[self.kind]
         place = f"module '{self.module}'" if self.module else "the model's own forward"
         return f"{place} {what}{f' at {self.where}' if self.where else ''}"
@@ -113,10 +126,6 @@ _TORCH_RANDOM = frozenset({
     "geometric_", "cauchy_", "log_normal_", "dropout", "dropout1d", "dropout2d", "dropout3d",
     "alpha_dropout", "feature_alpha_dropout", "rrelu",
 })
-_PYTHON_RANDOM = ("random", "uniform", "randint", "randrange", "choice", "choices", "sample", "shuffle",
-                  "gauss", "normalvariate", "betavariate", "expovariate", "triangular")
-_NUMPY_RANDOM = ("random", "rand", "randn", "uniform", "randint", "choice", "normal", "permutation",
-                 "shuffle", "random_sample", "binomial")
 _INPLACE_OPERATORS = {
     "__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
     "__itruediv__": operator.itruediv, "__ifloordiv__": operator.ifloordiv, "__imod__": operator.imod,
@@ -156,15 +165,18 @@ class TraceRecorder:
     Args:
         scope: returns the qualified name of the innermost module call being traced.
         names: maps ``id(module)`` to its qualified name, for flag reads.
-        tracer: the fx tracer, when tracing with fx: autocast regions and in-place
-            operators become graph nodes through it, and torch random draws are
-            watched (under export they are recorded as graph operations already).
+        tracer: the fx tracer: autocast regions and in-place operators become graph
+            nodes through it.
+        modules: the modules whose lists, dicts and sets are watched for changes (the
+            traced root and the model's submodules).
     """
 
-    def __init__(self, scope: Callable[[], str], names: dict[int, str], tracer: fx.Tracer | None = None):
+    def __init__(self, scope: Callable[[], str], names: dict[int, str], tracer: fx.Tracer | None = None,
+                 modules: Iterable[nn.Module] = ()):
         self._scope = scope
         self._names = names
         self._tracer = tracer
+        self._modules = list(modules)
         # flag owner -> (where it was read, the module whose code read it, the value read)
         self.flag_readers: dict[str, tuple[str, str, bool]] = {}
         self.findings: list[Finding] = []
@@ -183,7 +195,9 @@ class TraceRecorder:
             self._watch_training_flags()
             self._watch_autograd_functions()
             self._watch_saved_tensor_hooks()
-            self._watch_python_random()
+            self._watch_random_draws()
+            self._watch_attribute_writes()
+            self._watch_containers()
             if self._tracer is not None:
                 self._record_autocast_regions()
                 self._record_inplace_operators()
@@ -257,23 +271,64 @@ class TraceRecorder:
 
         self._patch(autograd, "_push_saved_tensors_default_hooks", push)
 
-    def _watch_python_random(self) -> None:
-        modules = [(python_random, _PYTHON_RANDOM, "random")]
-        numpy_random = sys.modules.get("numpy.random")
-        if numpy_random is not None:
-            modules.append((numpy_random, _NUMPY_RANDOM, "numpy.random"))
-        for module, names, prefix in modules:
-            for name in names:
-                function = getattr(module, name, None)
-                if callable(function):
-                    self._patch(module, name, self._recording(function, f"{prefix}.{name}"))
+    def _watch_random_draws(self) -> None:
+        previous = sys.getprofile()
 
-    def _recording(self, function: Callable, label: str) -> Callable:
+        def profile(frame, event, arg):
+            # C calls of a Python random.Random (NumPy's methods are Cython and make no such event).
+            if event == "c_call" and isinstance(getattr(arg, "__self__", None), python_random.Random):
+                self.record("random", _draw_name(arg))
+            if previous is not None:
+                previous(frame, event, arg)
+
+        sys.setprofile(profile)
+        self._undo.append(lambda: sys.setprofile(previous))
+        numpy_random = sys.modules.get("numpy.random")
+        if numpy_random is None:
+            return
+        for name in _NUMPY_RANDOM:
+            function = getattr(numpy_random, name, None)
+            if callable(function):
+                self._patch(numpy_random, name, self._recording_draws(function, f"numpy.random.{name}"))
+        states = [(owner, name, generator, _generator_state(generator))
+                  for owner, name, generator in _numpy_generators(numpy_random, self._modules)]
+        self._undo.append(lambda: self._record_changed_generators(states))
+
+    def _recording_draws(self, function: Callable, label: str) -> Callable:
         def draw(*args, **kwargs):
             self.record("random", label)
             return function(*args, **kwargs)
 
         return draw
+
+    def _record_changed_generators(self, states) -> None:
+        """A NumPy generator whose state moved while tracing drew numbers the recording could not see."""
+        for owner, name, generator, before in states:
+            if _generator_state(generator) != before and not any(f.kind == "random" for f in self.findings):
+                module = self._names.get(id(owner), "") if owner is not None else ""
+                what = f"self.{name} ({type(generator).__name__})" if owner is not None else "NumPy's global generator"
+                self.findings.append(Finding("random", module, "", f"a draw from {what}"))
+
+    def _watch_attribute_writes(self) -> None:
+        recorder = self
+        original = nn.Module.__setattr__
+
+        def setattr_(module: nn.Module, name: str, value: Any) -> None:
+            if _in_user_code(sys._getframe(1)) and _changes(module.__dict__.get(name, _MISSING), value):
+                recorder.record("attribute", f"self.{name}")
+            original(module, name, value)
+
+        self._patch(nn.Module, "__setattr__", setattr_)
+
+    def _watch_containers(self) -> None:
+        """Each list, dict and set a module holds, swapped for a copy that records changes while tracing."""
+        for module in self._modules:
+            for name, value in list(vars(module).items()):
+                if type(value) in _RECORDING and name not in _MODULE_INTERNALS:
+                    watched = _RECORDING[type(value)](value)
+                    watched.simfx_changed = lambda method, name=name: self.record("container", f"self.{name} ({method})")
+                    module.__dict__[name] = watched
+                    self._undo.append(lambda module=module, name=name, value=value: module.__dict__.__setitem__(name, value))
 
     def _record_autocast_regions(self) -> None:
         recorder, tracer = self, self._tracer
@@ -316,3 +371,78 @@ def _saved_tensor_hooks_name(pack_hook: Callable) -> str:
         return "torch.utils.checkpoint"
     return f"saved-tensor hooks ({qualname or 'activation offloading'})"
 
+
+
+_NUMPY_RANDOM = ("random", "rand", "randn", "uniform", "randint", "choice", "normal", "permutation",
+                 "shuffle", "random_sample", "binomial")
+
+
+def _draw_name(method: Any) -> str:
+    """``random.random`` for Python's global generator, else ``Random.random``."""
+    owner, name = method.__self__, method.__name__
+    return f"random.{name}" if owner is getattr(python_random, "_inst", None) else f"{type(owner).__name__}.{name}"
+
+
+def _numpy_generators(numpy_random, modules: Iterable[nn.Module]):
+    """(owner module or None, attribute name, generator) of NumPy's global generator and those modules keep."""
+    yield None, "", numpy_random.mtrand._rand
+    kinds = (numpy_random.RandomState, numpy_random.Generator)
+    for module in modules:
+        for name, value in vars(module).items():
+            if isinstance(value, kinds):
+                yield module, name, value
+
+
+def _generator_state(generator) -> Any:
+    state = generator.bit_generator.state if hasattr(generator, "bit_generator") else generator.get_state()
+    return repr(state)
+
+
+_MISSING = object()
+
+
+def _in_user_code(frame) -> bool:
+    """The frame runs code outside torch and simfx (the model's)."""
+    path = os.path.abspath(frame.f_code.co_filename)
+    return not (path.startswith(_TORCH_DIR) or path.startswith(_SIMFX_DIR) or frame.f_code.co_filename.startswith("<"))
+
+
+def _changes(old: Any, new: Any) -> bool:
+    """Setting ``new`` where ``old`` was changes the attribute (an equal Python value does not)."""
+    if old is new:
+        return False
+    if any(isinstance(v, (torch.Tensor, fx.Proxy)) for v in (old, new)):
+        return True
+    try:
+        return not bool(old == new)
+    except Exception:  # noqa: BLE001 - values without a plain equality: a change
+        return True
+
+
+def _recording_class(base: type, methods: tuple[str, ...]) -> type:
+    """A subclass of ``base`` whose mutating ``methods`` call ``self.simfx_changed(name)`` first."""
+
+    def wrapped(name: str):
+        function = getattr(base, name)
+
+        def method(self, *args, **kwargs):
+            self.simfx_changed(name)
+            return function(self, *args, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    return type(f"Recording{base.__name__.capitalize()}", (base,), {name: wrapped(name) for name in methods})
+
+
+_RECORDING: dict[type, type] = {
+    list: _recording_class(list, ("append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
+                                  "__setitem__", "__delitem__", "__iadd__", "__imul__")),
+    dict: _recording_class(dict, ("__setitem__", "__delitem__", "update", "pop", "popitem", "setdefault", "clear",
+                                  "__ior__")),
+    set: _recording_class(set, ("add", "discard", "remove", "pop", "clear", "update", "difference_update",
+                                "intersection_update", "symmetric_difference_update", "__ior__", "__iand__",
+                                "__isub__", "__ixor__")),
+}
+# nn.Module's own registries (parameters, submodules, hooks) are torch's to change, not the forward's.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))

@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 from ..errors import FaithfulnessError
 from ..runtime.module import NAMESPACE, SimGraphModule
 from .rewrite import plain_graph
-from ..capture.module_facts import model_restored, seeded
+from ..capture.module_facts import model_restored, preserved_module_state, seeded
 from ..capture.inputs import ExampleInputs, training_randomness_off
 from ..capture.record import TracedModel
 
@@ -63,14 +63,19 @@ def check_training_graph(sim: SimGraphModule, traced: TracedModel, example: Exam
     graph_module = fx.GraphModule(sim, plain_graph(sim))
     args, kwargs = traced.call.model_call(tuple(traced.inputs))
     parameters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    model_step = lambda: model(*args, **kwargs)  # noqa: E731
+    graph_step = lambda: graph_module(*traced.inputs)  # noqa: E731
     with model_restored(model) as reset:
         try:
-            expected = _run(lambda: model(*args, **kwargs), parameters, model)
+            with preserved_module_state(model):  # what the model's steps change, undone for the graph's
+                expected = _run(model_step, parameters, model)
+                expected_next = _next_step(model_step, parameters)
         except Exception as error:  # the model itself cannot train on these inputs: nothing to compare
             return _unchecked(model, error, "its training graph")
         reset()
         try:
-            actual = _run(lambda: graph_module(*traced.inputs), parameters, model)
+            actual = _run(graph_step, parameters, model)
+            actual_next = _next_step(graph_step, parameters)
         except Exception as error:  # the graph itself cannot train: a capture that does not train is no capture
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise FaithfulnessError(
@@ -78,7 +83,11 @@ def check_training_graph(sim: SimGraphModule, traced: TracedModel, example: Exam
                 f"training step on the example inputs, though the model can: {type(error).__name__}: {first}\n"
                 f"Fix: try frontend={'fx' if traced.frontend == 'export' else 'export'!r}."
             ) from error
-    problems = _differences(expected, actual, parameters)
+    problems = _differences(expected, actual, parameters) or [
+        f"{problem} on a second training step: state its forward changes between steps (a counter, a cache, "
+        f"a statistic) was read once when traced"
+        for problem in _differences(expected_next, actual_next, parameters)
+    ]
     if problems:
         raise FaithfulnessError(_message(model, traced, problems))
     return "passed"
@@ -119,6 +128,18 @@ def _check_taps(sim: SimGraphModule, traced: TracedModel, example: ExampleInputs
             f"{type(model).__name__} trains on the example inputs, so SIM would not train them."
         )
     return "passed"
+
+
+def _next_step(forward: Callable[[], Any], parameters):
+    """The outputs of a second training-mode forward after :func:`_run`'s, from another fixed seed.
+
+    Python state the forward changes (what a trace reads once) differs from the first
+    step's here; gradients are not taken (the first step compared them).
+    """
+    devices = sorted({p.device.index or 0 for _, p in parameters if p.device.type == "cuda"})
+    with seeded(_SEED + 1, devices), torch.enable_grad():
+        leaves, spec = pytree.tree_flatten(forward())
+    return spec, [_detached(leaf) for leaf in leaves], [None] * len(parameters)
 
 
 def _unchecked(model: nn.Module, error: Exception, what: str) -> str:
