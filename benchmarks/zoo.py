@@ -336,13 +336,7 @@ def check_model(spec: ModelSpec, compile_backend: str | None = None, batch: int 
         result.step_ok = True
 
         stage = "eval equality"
-        x = inputs()
-        model.eval()
-        sim.eval()
-        with torch.no_grad():
-            expected = _call(model, x)
-            got, zero = _call(sim, x)
-        result.eval_equal = _evaluates_equal(expected, got, zero)
+        result.eval_equal = _evaluates_equal(model, sim, inputs())
 
         stage = "second shape"
         result.second_ok = False
@@ -354,12 +348,7 @@ def check_model(spec: ModelSpec, compile_backend: str | None = None, batch: int 
             raise RuntimeError(f"sim_loss is {sim_loss.item()}")
         (_task_loss(out) + sim_loss).backward()
         optimizer.step()
-        model.eval()
-        sim.eval()
-        with torch.no_grad():
-            expected = _call(model, x)
-            got, zero = _call(sim, x)
-        result.second_ok = _evaluates_equal(expected, got, zero)
+        result.second_ok = _evaluates_equal(model, sim, x)
 
         if compile_backend:
             stage = "compile"
@@ -379,8 +368,13 @@ def check_model(spec: ModelSpec, compile_backend: str | None = None, batch: int 
     return result
 
 
-def _evaluates_equal(expected: Any, got: Any, zero: torch.Tensor) -> bool:
-    """The transformed module's eval output is the model's, bit for bit, with a zero loss; else an error."""
+def _evaluates_equal(model: torch.nn.Module, sim: torch.nn.Module, x: Any) -> bool:
+    """In eval mode the transformed module's output is the model's, bit for bit, with a zero loss; else an error."""
+    model.eval()
+    sim.eval()
+    with torch.no_grad():
+        expected = _call(model, x)
+        got, zero = _call(sim, x)
     if outputs_identical(expected, got) and float(zero) == 0.0:
         return True
     pairs = list(zip(_tensors(expected), _tensors(got)))

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from torch import nn
+from torch.utils import _pytree as pytree
 
 # Two cores on CI: keep torch from oversubscribing them across pytest workers.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -46,6 +47,20 @@ def assert_reconstructor_gradients(named_parameters) -> None:
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         if not name.endswith(ZERO_GRADIENT_BY_DESIGN):
             assert p.grad.abs().sum() > 0, name
+
+
+def call(module, inputs):
+    """``module`` called with example inputs as a model is: a dict as keywords, a tuple as positions."""
+    if isinstance(inputs, dict):
+        return module(**inputs)
+    if isinstance(inputs, tuple):
+        return module(*inputs)
+    return module(inputs)
+
+
+def float_tensors(value) -> list:
+    """The floating-point tensors of a (nested) output."""
+    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 @contextlib.contextmanager

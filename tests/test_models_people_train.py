@@ -14,41 +14,28 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 import simfx
-from conftest import InlineResidualNet
+from conftest import InlineResidualNet, call, float_tensors
 from written_models import DiT, DiTBlock, DecoderLayer, GCN, PointNet, RNNModel, RNNStack, TinyLlama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import library_models  # noqa: E402
 
 
-def _call(module, inputs):
-    if isinstance(inputs, dict):
-        return module(**inputs)
-    if isinstance(inputs, tuple):
-        return module(*inputs)
-    return module(inputs)
-
-
-def _tensors(value):
-    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
 def _trains_and_evaluates(sim, model, inputs):
     sim.train()
-    out, loss = _call(sim, inputs)
+    out, loss = call(sim, inputs)
     assert torch.isfinite(loss) and loss > 0
-    (sum(t.float().square().mean() for t in _tensors(out)) + loss).backward()
+    (sum(t.float().square().mean() for t in float_tensors(out)) + loss).backward()
     missing = [n for n, p in sim.simfx.named_parameters() if p.grad is None]
     assert not missing, missing
     sim.eval()
     with torch.no_grad():
-        got, zero = _call(sim, inputs)
-        expected = _call(model, inputs)
+        got, zero = call(sim, inputs)
+        expected = call(model, inputs)
     assert float(zero) == 0.0 and type(got) is type(expected)
-    assert all(torch.equal(a, b) for a, b in zip(_tensors(got), _tensors(expected), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(float_tensors(got), float_tensors(expected), strict=True))
     return out
 
 

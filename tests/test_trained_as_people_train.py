@@ -17,9 +17,9 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torch.utils import _pytree as pytree
 
 import simfx
+from conftest import call, float_tensors
 from written_models import Conformer, ExamplesTransformerLM, MinGPT, NanoGPT, RNNModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -27,23 +27,11 @@ import library_models  # noqa: E402
 from library_models import LIBRARY, VOCAB  # noqa: E402
 
 
-def _call(module, inputs):
-    if isinstance(inputs, dict):
-        return module(**inputs)
-    if isinstance(inputs, tuple):
-        return module(*inputs)
-    return module(inputs)
-
-
-def _floats(value):
-    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
 def _train_step(sim, inputs):
     sim.train()
-    out, loss = _call(sim, inputs)
+    out, loss = call(sim, inputs)
     assert torch.isfinite(loss) and loss > 0
-    (sum(t.float().square().mean() for t in _floats(out)) + loss).backward()
+    (sum(t.float().square().mean() for t in float_tensors(out)) + loss).backward()
     missing = [n for n, p in sim.simfx.named_parameters() if p.grad is None]
     assert not missing, missing
     return out
@@ -52,10 +40,10 @@ def _train_step(sim, inputs):
 def _eval_exact(sim, model, inputs):
     sim.eval()
     with torch.no_grad():
-        got, zero = _call(sim, inputs)
-        expected = _call(model, inputs)
+        got, zero = call(sim, inputs)
+        expected = call(model, inputs)
     assert float(zero) == 0.0 and type(got) is type(expected)
-    pairs = list(zip(_floats(got), _floats(expected), strict=True))
+    pairs = list(zip(float_tensors(got), float_tensors(expected), strict=True))
     assert pairs and all(torch.equal(a, b) for a, b in pairs)
     sim.train()
 

@@ -20,7 +20,6 @@ reason; choosing among them is the select stage's job.
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import collections
 import copy
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
