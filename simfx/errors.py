@@ -48,10 +48,10 @@ class FaithfulnessError(SimfxError, RuntimeError):
 
 
 class InputShapeError(SimfxError, ValueError):
-    """A training batch has a shape the captured training graph cannot run at.
+    """Kept for code that catches it; simfx no longer raises it.
 
-    torch.export specialises the graph to the example's sizes on every axis but the
-    batch; the message names the input, the size it was captured with and the fix.
+    A model captured with torch.export used to train through a graph specialised to the
+    example's sizes; it now trains by running its own forward, at every shape it accepts.
     """
 
 
